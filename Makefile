@@ -1,0 +1,31 @@
+# cytofed: `make run` trains on the embedded synthetic clinics, `make test` runs the test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# Flower's home (local SuperLink state, installed app bundles) stays inside the project.
+export FLWR_HOME := $(CURDIR)/.flwr
+export PATH := $(BIN):$(PATH)
+RUN_CONFIG ?=
+SUPERNODES ?= 3
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+.PHONY: install run test lint stop-superlink
+install: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(BIN)/flwr run . --stream --federation-config "num-supernodes=$(SUPERNODES) client-resources-num-cpus=1" \
+	  --run-config "output-dir='$(CURDIR)/runs' cache-dir='$(CURDIR)/.cache/cytofed' $(RUN_CONFIG)"
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+
+stop-superlink:
+	-pkill -f "flower-superlink.*--simulation" || true

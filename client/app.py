@@ -1,0 +1,69 @@
+"""cytofed ClientApp: a site trains and validates the global model on its own images.
+
+Only weights and aggregate metrics leave the site. The centre comes from ``node_config``:
+``centre-config`` (path to the site's centre TOML, in deployment) or ``partition-id``
+(simulation: the n-th training centre of the run's data source).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site import Site, open_site
+from common.pipeline import fit, new_model, score
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local epochs from the global weights; returns the update and training metrics."""
+    site = open_site(context)
+    config = site.config
+    train_config = msg.content["config"]
+    model = new_model(config, len(site.classes))
+    site.restore_local_state(model, msg.content["arrays"], context)
+    counts = _class_counts(train_config, site)
+    server_round = int(train_config["server-round"])
+    metrics = fit(model, site.train, config, counts,
+                  progress=server_round / config.num_server_rounds,
+                  seed=config.seed * 1000 + server_round)
+    site.keep_local_state(model, context)
+    reply = RecordDict({
+        "arrays": site.outgoing_arrays(model),
+        "metrics": MetricRecord({**metrics, "num-examples": len(site.train)}),
+    })
+    return Message(content=reply, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Metrics of the global model on the site's validation split."""
+    site = open_site(context)
+    model = new_model(site.config, len(site.classes))
+    site.restore_local_state(model, msg.content["arrays"], context)
+    metrics = score(model, site.val, site.config)
+    reply = MetricRecord({"val_loss": metrics["loss"], "val_macro_f1": metrics["macro_f1"],
+                          "val_balanced_accuracy": metrics["balanced_accuracy"],
+                          "num-examples": len(site.val)})
+    return Message(content=RecordDict({"metrics": reply}), reply_to=msg)
+
+
+@app.query("class_counts")
+def class_counts(msg: Message, context: Context) -> Message:
+    """The site's training class counts, only if its centre config allows sharing them."""
+    site = open_site(context)
+    record = ConfigRecord({"share-counts": site.spec.share_counts, "centre": site.spec.name})
+    if site.spec.share_counts:
+        record["counts"] = site.train.class_counts().tolist()
+    return Message(content=RecordDict({"config": record}), reply_to=msg)
+
+
+def _class_counts(train_config: ConfigRecord, site: Site) -> np.ndarray:
+    """Federated class counts when the server sent them, else the site's own."""
+    if site.config.class_prior == "federated" and "federated-counts" in train_config:
+        return np.asarray(train_config["federated-counts"], dtype=np.int64)
+    return site.train.class_counts()
+

@@ -1,0 +1,194 @@
+"""The run configuration: every knob, its default and its check, in one place.
+
+Flower hands the ``[tool.flwr.app.config]`` table (plus ``--run-config`` overrides) to both
+apps as a flat dict with hyphenated keys; :func:`parse_run_config` turns it into a validated
+:class:`RunConfig` or raises :class:`ConfigError` naming the field, before any training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from common.data import CentreSpec
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedbn", "fedmedian", "fedtrimmedavg")
+FIELDS_OF_VIEW = ("full", "cell")
+CLASS_PRIORS = ("local", "federated")
+SYNTHETIC = "synthetic"
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, of the wrong type or out of range."""
+
+    def __init__(self, field_name: str, expected: str, got: Any) -> None:
+        super().__init__(f"run config field '{field_name}': expected {expected}, got {got!r}")
+        self.field_name = field_name
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Validated run configuration (attribute names are the run-config keys with underscores)."""
+
+    num_server_rounds: int = 10
+    local_epochs: int = 1
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    model: str = "resnet10t"
+    pretrained: str = ""
+    norm: str = "batch"
+    image_size: int = 48
+    loss: str = "ce"
+    class_prior: str = "local"
+    augment: str = "stain"
+    field_of_view: str = "full"
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.01
+    trim_fraction: float = 0.2
+    min_train_nodes: int = 2
+    wire_precision: str = "fp32"
+    held_out: str = "clinic-d"
+    data_source: str = SYNTHETIC
+    synthetic_images: int = 600
+    seed: int = 0
+    device: str = "auto"
+    output_dir: str = "runs"
+    cache_dir: str = ".cache/cytofed"
+    run_name: str = "cytofed"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration with hyphenated keys, as in pyproject.toml."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+def _positive(value: float) -> bool:
+    return value > 0
+
+
+def _non_negative(value: float) -> bool:
+    return value >= 0
+
+
+def _one_of(options: Callable[[], list[str]] | tuple[str, ...]) -> Callable[[Any], bool]:
+    def check(value: Any) -> bool:
+        return value in (options() if callable(options) else options)
+
+    return check
+
+
+def _known_model(name: str) -> bool:
+    import timm
+
+    return timm.is_model(name)
+
+
+def _known_loss(name: str) -> bool:
+    from common.losses import available_losses
+
+    return name in available_losses()
+
+
+def _known_augmentation(spec: str) -> bool:
+    from common.augment import build_augmenter
+
+    try:
+        build_augmenter(spec)
+    except ValueError:
+        return False
+    return True
+
+
+def _wire_precisions() -> tuple[str, ...]:
+    from common.weights import WIRE_PRECISIONS
+
+    return WIRE_PRECISIONS
+
+
+# Field -> (check, what is expected). Fields without an entry only need the right type.
+CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "num_server_rounds": (_positive, "a positive integer"),
+    "local_epochs": (_positive, "a positive integer"),
+    "learning_rate": (_positive, "a positive number"),
+    "weight_decay": (_non_negative, "a number >= 0"),
+    "batch_size": (_positive, "a positive integer"),
+    "model": (_known_model, "a timm model name such as 'resnet18' or 'tf_efficientnet_lite0'"),
+    "norm": (_one_of(("batch", "group")), "'batch' or 'group'"),
+    "image_size": (lambda v: 16 <= v <= 1024, "an integer between 16 and 1024"),
+    "loss": (_known_loss, "a loss of common.losses.available_losses()"),
+    "class_prior": (_one_of(CLASS_PRIORS), f"one of {CLASS_PRIORS}"),
+    "augment": (_known_augmentation, "an augmentation preset or comma-separated op names"),
+    "field_of_view": (_one_of(FIELDS_OF_VIEW), f"one of {FIELDS_OF_VIEW}"),
+    "strategy": (_one_of(STRATEGIES), f"one of {STRATEGIES}"),
+    "proximal_mu": (_non_negative, "a number >= 0"),
+    "server_learning_rate": (_positive, "a positive number"),
+    "trim_fraction": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
+    "min_train_nodes": (_positive, "a positive integer"),
+    "wire_precision": (lambda v: v in _wire_precisions(), "'fp32', 'bf16' or 'fp16'"),
+    "synthetic_images": (lambda v: v >= 20, "an integer >= 20"),
+    "device": (lambda v: v in ("auto", "cpu") or v.startswith("cuda"), "'auto', 'cpu' or 'cuda'"),
+    "run_name": (lambda v: bool(v) and "/" not in v, "a non-empty name without '/'"),
+}
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ConfigError(name.replace("_", "-"), f"a value of type {kind.__name__}", value)
+    return value
+
+
+def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """Validate a flat run-config mapping (hyphenated keys); unknown keys are errors."""
+    known = {f.name: f for f in fields(RunConfig)}
+    defaults = RunConfig()
+    values: dict[str, Any] = {}
+    for key, value in run_config.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(key, f"one of the known fields {sorted(RunConfig().to_dict())}",
+                              value)
+        values[name] = _coerce(name, value, type(getattr(defaults, name)))
+    config = dataclasses.replace(defaults, **values)
+    for name, (check, expected) in CHECKS.items():
+        if not check(getattr(config, name)):
+            raise ConfigError(name.replace("_", "-"), expected, getattr(config, name))
+    return config
+
+
+def resolve_centres(config: RunConfig, base_dir: Path | None = None) -> list[CentreSpec]:
+    """The centres of the run: the synthetic clinics or those of a centres TOML file.
+
+    Raises ConfigError when the held-out centre is not among them or too few remain to train.
+    """
+    if config.data_source == SYNTHETIC:
+        from common.synthetic import default_clinics
+
+        centres = [CentreSpec(name=c.name, format=SYNTHETIC) for c in default_clinics()]
+    else:
+        from common.centres import read_centres
+
+        path = Path(config.data_source)
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        if not path.is_file():
+            raise ConfigError("data-source", f"'{SYNTHETIC}' or an existing centres TOML file",
+                              str(path))
+        centres = read_centres(path)
+    names = [c.name for c in centres]
+    if config.held_out not in names:
+        raise ConfigError("held-out", f"one of the centres {names}", config.held_out)
+    if len(centres) - 1 < config.min_train_nodes:
+        raise ConfigError("min-train-nodes", f"at most {len(centres) - 1} training centres",
+                          config.min_train_nodes)
+    return centres
+
+
+def training_centres(config: RunConfig, centres: list[CentreSpec]) -> list[CentreSpec]:
+    """Every centre but the held-out one, in file order (the simulation's partition order)."""
+    return [c for c in centres if c.name != config.held_out]

@@ -1,0 +1,78 @@
+"""One run config -> data, model, local fit and scoring: what client, server and baselines share."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.augment import build_augmenter
+from common.config import RunConfig
+from common.data import CentreData, CentreSpec, split_indices
+from common.losses import create_loss
+from common.models import create_model
+from common.train import (
+    TrainSettings,
+    evaluate_model,
+    images_on_device,
+    prepare_model,
+    resolve_device,
+    train_local,
+)
+
+
+def cache_dir(config: RunConfig) -> Path:
+    """The decoded-image cache: ``CYTOFED_CACHE_DIR`` if set, else the run config's."""
+    return Path(os.environ.get("CYTOFED_CACHE_DIR", config.cache_dir)).expanduser()
+
+
+@functools.lru_cache(maxsize=8)
+def _load_centre_cached(spec: CentreSpec, image_size: int, cache: Path, mode: str,
+                        synthetic_images: int) -> CentreData:
+    from common.centres import load_centre
+
+    return load_centre(spec, image_size, cache, mode=mode, synthetic_images=synthetic_images)
+
+
+def load_centre_data(spec: CentreSpec, config: RunConfig) -> CentreData:
+    """A centre's images at the configured size and field of view (memoised per process)."""
+    return _load_centre_cached(spec, config.image_size, cache_dir(config).resolve(),
+                               config.field_of_view, config.synthetic_images)
+
+
+def centre_splits(data: CentreData, seed: int) -> dict[str, CentreData]:
+    """The centre's stratified, grouped train/val/test splits."""
+    return {name: data.subset(index)
+            for name, index in split_indices(data.labels, data.groups, seed).items()}
+
+
+def new_model(config: RunConfig, num_classes: int) -> nn.Module:
+    """The configured backbone, seeded so every site and the server start identical."""
+    torch.manual_seed(config.seed)
+    return create_model(config.model, num_classes, config.pretrained, config.norm)
+
+
+def fit(model: nn.Module, data: CentreData, config: RunConfig, class_counts: np.ndarray,
+        progress: float, seed: int) -> dict[str, float]:
+    """Train ``model`` in place on ``data`` for ``config.local_epochs`` epochs."""
+    device = resolve_device(config.device)
+    proximal_mu = config.proximal_mu if config.strategy == "fedprox" else 0.0
+    settings = TrainSettings(epochs=config.local_epochs, batch_size=config.batch_size,
+                             learning_rate=config.learning_rate,
+                             weight_decay=config.weight_decay, proximal_mu=proximal_mu, seed=seed)
+    loss_fn = create_loss(config.loss, class_counts, progress=min(max(progress, 0.0), 1.0))
+    model = prepare_model(model, device)
+    return train_local(model, images_on_device(data.images, device), data.labels, loss_fn,
+                       settings, build_augmenter(config.augment), device)
+
+
+def score(model: nn.Module, data: CentreData, config: RunConfig) -> dict:
+    """Held-out style metrics of ``model`` on a labelled centre (see ``classification_metrics``)."""
+    device = resolve_device(config.device)
+    model = prepare_model(model, device)
+    return evaluate_model(model, images_on_device(data.images, device), data.labels,
+                          data.classes, device)

@@ -1,0 +1,154 @@
+"""Local training and evaluation loops on device-resident uint8 images (no DataLoader, no PIL)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.augment import Augmenter, to_model_input
+from common.metrics import classification_metrics
+
+# Fraction of free accelerator memory the uint8 image tensor may take before it is streamed.
+DEVICE_MEMORY_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Hyper-parameters of one local training call."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    proximal_mu: float = 0.0
+    seed: int = 0
+    compile: bool = False
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def images_on_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 images on ``device`` when they fit, else in pinned host memory (streamed per batch)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(images))
+    if device.type != "cuda":
+        return tensor
+    free, _ = torch.cuda.mem_get_info(device)
+    if tensor.numel() < DEVICE_MEMORY_SHARE * free:
+        return tensor.to(device)
+    return tensor.pin_memory()
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_model(model: nn.Module, device: torch.device, compile_model: bool = False) -> nn.Module:
+    """Move to ``device`` in channels_last layout; optionally ``torch.compile`` it."""
+    model = model.to(device=device, memory_format=torch.channels_last)
+    return torch.compile(model) if compile_model else model
+
+
+def train_local(model: nn.Module, images: torch.Tensor, labels: np.ndarray, loss_fn: nn.Module,
+                settings: TrainSettings, augmenter: Augmenter, device: torch.device,
+                on_epoch: Callable[[int, float], None] | None = None) -> dict[str, float]:
+    """Train ``model`` in place for ``settings.epochs`` epochs; returns mean loss and throughput.
+
+    ``images`` comes from :func:`images_on_device`. With ``proximal_mu > 0`` the FedProx term
+    ``mu/2 * ||w - w_start||^2`` keeps the weights near those the call started from.
+    """
+    model.train()
+    loss_fn = loss_fn.to(device)
+    targets = torch.as_tensor(labels, dtype=torch.int64).to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    anchor = [p.detach().clone() for p in model.parameters()] if settings.proximal_mu else []
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    order_generator = torch.Generator().manual_seed(settings.seed)
+    n = len(targets)
+    batch_size = min(settings.batch_size, n)
+    total_loss, seen, started = 0.0, 0, time.perf_counter()
+    for epoch in range(settings.epochs):
+        epoch_loss = torch.zeros((), device=device)
+        order = torch.randperm(n, generator=order_generator)
+        # Drop the ragged last batch: a batch of one breaks BatchNorm and skews the loss.
+        for start in range(0, n - batch_size + 1, batch_size):
+            index = order[start:start + batch_size]
+            batch = images[index.to(images.device)].to(device, non_blocking=True)
+            inputs = augmenter(batch, generator)
+            with _autocast(device):
+                loss = loss_fn(model(inputs).float(), targets[index.to(device)])
+            if anchor:
+                loss = loss + settings.proximal_mu / 2 * sum(
+                    (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            epoch_loss += loss.detach() * len(index)
+        steps = n // batch_size * batch_size
+        total_loss += float(epoch_loss)
+        seen += steps
+        if on_epoch:
+            on_epoch(epoch, float(epoch_loss) / max(steps, 1))
+    elapsed = time.perf_counter() - started
+    return {"train_loss": total_loss / max(seen, 1), "images_per_second": seen / elapsed,
+            "train_seconds": elapsed}
+
+
+@torch.no_grad()
+def predict_probabilities(model: nn.Module, images: torch.Tensor, device: torch.device,
+                          batch_size: int = 256) -> np.ndarray:
+    """Softmax probabilities (N, C) of ``model`` in eval mode on uint8 images (N, H, W, 3)."""
+    model.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].to(device, non_blocking=True)
+        with _autocast(device):
+            logits = model(to_model_input(batch))
+        outputs.append(torch.softmax(logits.float(), dim=1).cpu())
+    if not outputs:
+        raise ValueError("cannot predict on an empty image set")
+    return torch.cat(outputs).numpy()
+
+
+def evaluate_model(model: nn.Module, images: torch.Tensor, labels: np.ndarray,
+                   classes: Sequence[str], device: torch.device,
+                   batch_size: int = 256) -> dict:
+    """:func:`common.metrics.classification_metrics` of ``model`` on labelled images, plus loss."""
+    probabilities = predict_probabilities(model, images, device, batch_size)
+    metrics = classification_metrics(labels, probabilities, classes)
+    picked = probabilities[np.arange(len(labels)), labels]
+    metrics["loss"] = float(-np.mean(np.log(np.clip(picked, 1e-12, 1.0))))
+    return metrics
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: nn.Module, images: torch.Tensor, device: torch.device,
+                    batch_size: int = 64) -> nn.Module:
+    """Test-time BatchNorm adaptation: re-estimate running statistics on unlabelled images."""
+    from common.models import is_batchnorm
+
+    norms = [m for m in model.modules() if is_batchnorm(m)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over all batches
+    model.train()
+    for start in range(0, len(images), batch_size):
+        model(to_model_input(images[start:start + batch_size].to(device, non_blocking=True)))
+    model.eval()
+    return model
+

@@ -1,0 +1,164 @@
+"""Centre TOML files, loading a centre through the cache, and ``cytofed data inspect``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common import imagecache
+from common.centres import group_ids, load_centre, read_centre, read_centres
+from common.data import CentreSpec, split_indices
+from common.inspect import inspect_source
+from common.taxonomy import TAXONOMIES
+from simulations.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def refuse_to_decode(*args, **kwargs):
+    raise AssertionError("decoded although the cache holds the image")
+
+
+def test_centre_file_with_defaults_and_a_path_relative_to_it(tmp_path):
+    spec = read_centre(write(tmp_path / "sites" / "a.toml", 'name = "a"\npath = "../data"\n'))
+    assert spec == CentreSpec(name="a", path=tmp_path / "sites" / ".." / "data")
+    full = read_centre(write(tmp_path / "b.toml", 'name = "b"\npath = "x"\nformat = "pbc"\n'
+                             'taxonomy = "wbc13"\nsplit_seed = 3\nshare_counts = false\n'))
+    assert (full.format, full.taxonomy, full.split_seed, full.share_counts) == (
+        "pbc", "wbc13", 3, False)
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ('name = "a"\npath = "x"\npth = "y"\n', "unknown key 'pth'"),
+    ('name = "a"\npath = "x"\nsplit_seed = "0"\n', "field 'split_seed' must be an integer"),
+    ('name = "a"\npath = "x"\nsplit_seed = true\n', "field 'split_seed' must be an integer"),
+    ('name = "a"\npath = 3\n', "field 'path' must be a string"),
+    ('name = "a"\n', "field 'path' is missing"),
+    ('path = "x"\n', "field 'name' is missing"),
+    ('name = "a"\npath = "x"\ntaxonomy = "wbc7"\n', "field 'taxonomy' is 'wbc7'"),
+    ('name = "a"\npath = "x"\nformat = "tiff"\n', "field 'format' is 'tiff'"),
+    ('name = "a"\nformat = "synthetic"\ntaxonomy = "wbc13"\n', "taxonomy 'wbc5'"),
+    ('name = "a\n', "not valid TOML"),
+])
+def test_centre_file_errors_name_the_file_and_the_field(tmp_path, body, message):
+    path = write(tmp_path / "site.toml", body)
+    with pytest.raises(ValueError, match=message) as error:
+        read_centre(path)
+    assert str(path) in str(error.value)
+
+
+def test_centres_file_lists_centres_and_rejects_repeated_names(tmp_path):
+    path = write(tmp_path / "centres.toml", '[[centre]]\nname = "a"\npath = "a"\n\n'
+                 '[[centre]]\nname = "b"\nformat = "synthetic"\n')
+    assert [(c.name, c.path) for c in read_centres(path)] == [("a", tmp_path / "a"), ("b", None)]
+    with pytest.raises(ValueError, match=r"centres\.toml: holds a \[\[centre\]\] list"):
+        read_centre(path)
+    bad = write(tmp_path / "bad.toml", '[[centre]]\nname = "a"\npath = "a"\n\n'
+                '[[centre]]\nname = "a"\npath = "b"\nseed = 1\n')
+    with pytest.raises(ValueError, match=r"bad\.toml: \[\[centre\]\] #2: unknown key 'seed'"):
+        read_centres(bad)
+    with pytest.raises(FileNotFoundError, match=r"missing\.toml"):
+        read_centres(tmp_path / "missing.toml")
+
+
+def test_shipped_centres_point_at_the_shared_data():
+    centres = read_centres(REPO / "simulations" / "centres" / "shared-wbc.toml")
+    shared = REPO.parent / "shared" / "data" / "wbc"
+    assert [(c.name, c.format, c.path.resolve()) for c in centres] == [
+        ("barcelona", "pbc", (shared / "PBC_dataset_normal_DIB").resolve()),
+        ("jiangxi", "zheng", (shared / "segmentation_WBC").resolve()),
+        ("bccd", "bccd", (shared / "BCCD").resolve())]
+
+
+def test_second_load_is_served_from_the_cache(wbc_class_folders, tmp_path, monkeypatch):
+    spec = CentreSpec("clinic", wbc_class_folders, format="auto")
+    first = load_centre(spec, 16, tmp_path / "cache")
+    monkeypatch.setattr(imagecache, "decode_image", refuse_to_decode)
+    second = load_centre(spec, 16, tmp_path / "cache")
+
+    np.testing.assert_array_equal(first.images, second.images)
+    assert second.classes == TAXONOMIES["wbc5"]
+    assert second.class_counts().tolist() == [4, 4, 4, 5, 4]
+    assert second.stats == {"unreadable": 1, "duplicates": 1, "dropped:platelet": 2}
+    assert len(np.unique(second.groups)) == len(second) - 1
+
+
+def test_duplicates_never_straddle_splits(wbc_class_folders, tmp_path):
+    for i in range(12):  # enough eosinophil groups that every split gets some
+        (wbc_class_folders / "eosinophil" / f"dup_{i}.jpg").write_bytes(
+            (wbc_class_folders / "eosinophil" / f"eosinophil_{i % 4}.jpg").read_bytes())
+    data = load_centre(CentreSpec("clinic", wbc_class_folders), 16, tmp_path / "cache")
+    assert data.stats["duplicates"] == 13
+    for seed in range(20):
+        splits = split_indices(data.labels, data.groups, seed)
+        split_groups = [set(data.groups[index].tolist()) for index in splits.values()]
+        assert sum(len(s) for s in split_groups) == len(set().union(*split_groups))
+
+
+def test_group_ids_join_content_and_patients():
+    assert group_ids(["a", "b", "a", "c", "d"], [None, "p", None, "p", "q"]).tolist() == [
+        0, 1, 0, 1, 2]
+    assert group_ids(["a", "b", "a"], ["p", "q", "q"]).tolist() == [0, 0, 0]
+
+
+def test_manifest_centre_column_selects_rows(tmp_path, write_wbc_image):
+    for i in range(3):
+        write_wbc_image(tmp_path / f"{i}.png", seed=i)
+    manifest = write(tmp_path / "all.csv", "path,label,centre\n0.png,monocyte,north\n"
+                     "1.png,basophil,south\n2.png,basophil,south\n")
+    south = load_centre(CentreSpec("south", manifest), 16, tmp_path / "cache")
+    assert south.class_counts().tolist() == [0, 0, 0, 0, 2]
+    assert inspect_source(manifest)["centre_files"] == {"north": 1, "south": 2}
+    with pytest.raises(ValueError, match=r"'east'.*north, south"):
+        load_centre(CentreSpec("east", manifest), 16, tmp_path / "cache")
+
+
+def test_unusable_data_is_refused_naming_the_centre_and_path(tmp_path, write_wbc_image):
+    with pytest.raises(FileNotFoundError, match=r"centre 'site'.*nowhere.*does not exist"):
+        load_centre(CentreSpec("site", tmp_path / "nowhere"), 16, tmp_path / "cache")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"centre 'site'.*empty.*no known layout"):
+        load_centre(CentreSpec("site", tmp_path / "empty"), 16, tmp_path / "cache")
+    write_wbc_image(tmp_path / "platelets" / "platelet" / "1.png")
+    with pytest.raises(ValueError, match=r"centre 'site'.*platelets.*maps to a wbc5 class"):
+        load_centre(CentreSpec("site", tmp_path / "platelets"), 16, tmp_path / "cache")
+    (tmp_path / "broken" / "basophil").mkdir(parents=True)
+    (tmp_path / "broken" / "basophil" / "1.png").write_bytes(b"nope")
+    with pytest.raises(ValueError, match=r"centre 'site'.*none of the 1 image files"):
+        load_centre(CentreSpec("site", tmp_path / "broken"), 16, tmp_path / "cache")
+
+
+def test_synthetic_centres_come_from_the_generator(tmp_path, monkeypatch):
+    def load_clinic(name, image_size, cache_dir, n_images=600, seed=0):
+        labels = np.arange(n_images) % 5
+        return np.zeros((n_images, image_size, image_size, 3), np.uint8), labels
+
+    fake = types.ModuleType("common.synthetic")
+    fake.load_clinic = load_clinic
+    monkeypatch.setitem(sys.modules, "common.synthetic", fake)
+    data = load_centre(CentreSpec("clinic-a", format="synthetic"), 8, tmp_path,
+                       synthetic_images=20)
+    assert (len(data), data.classes, data.groups.tolist()) == (
+        20, TAXONOMIES["wbc5"], list(range(20)))
+
+
+def test_cli_inspect_prints_target_counts_as_json(wbc_class_folders, capsys):
+    assert main(["data", "inspect", str(wbc_class_folders), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert '"eosinophil": 5' in out
+    assert json.loads(out)["target_counts"]["neutrophil"] == 4
+    assert main(["data", "inspect", str(wbc_class_folders), "--taxonomy", "wbc13"]) == 0
+    assert "broken.jpg" in capsys.readouterr().out
+    assert main(["data", "inspect", str(wbc_class_folders / "missing")]) == 2
+    assert "cytofed data: error:" in capsys.readouterr().err
