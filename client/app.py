@@ -31,9 +31,13 @@ def train(msg: Message, context: Context) -> Message:
                   progress=server_round / config.num_server_rounds,
                   seed=config.seed * 1000 + server_round)
     site.keep_local_state(model, context)
+    arrays = site.outgoing_arrays(model)
     reply = RecordDict({
-        "arrays": site.outgoing_arrays(model),
-        "metrics": MetricRecord({**metrics, "num-examples": len(site.train)}),
+        "arrays": arrays,
+        "metrics": MetricRecord({**metrics, "num-examples": len(site.train),
+                                 "update-bytes": arrays.count_bytes()}),
+        "site": ConfigRecord({"centre": site.spec.name,
+                              "class-counts": site.train.class_counts().tolist()}),
     })
     return Message(content=reply, reply_to=msg)
 

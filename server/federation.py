@@ -28,6 +28,7 @@ class RoundResult:
     seconds: float
     sampled: int
     replied: int
+    clients: list[dict] = field(default_factory=list)
     dropped: list[dict] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
 
@@ -43,6 +44,18 @@ def _failures(sampled: list[int], replies: list[Message]) -> list[dict]:
     missing = [{"node_id": n, "reason": "no reply before the round timeout"}
                for n in sampled if n not in answered]
     return failed + missing
+
+
+def client_reports(replies: list[Message]) -> list[dict]:
+    """Per-site aggregates of a training round: centre, class counts and training metrics."""
+    reports = []
+    for message in replies:
+        if message.has_error():
+            continue
+        site = message.content.config_records.get("site", {})
+        reports.append({"node_id": message.metadata.src_node_id, **dict(site),
+                        **dict(message.content["metrics"])})
+    return reports
 
 
 def merge_arrays(previous: ArrayRecord, update: ArrayRecord | None) -> ArrayRecord:
@@ -66,6 +79,7 @@ def run_rounds(strategy: ValidatedUpdates, grid: Grid, arrays: ArrayRecord, firs
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
         sampled = [m.metadata.dst_node_id for m in messages]
         replies = list(grid.send_and_receive(messages, timeout=timeout))
+        clients = client_reports(replies)
         aggregated, train_metrics = strategy.aggregate_train(server_round, replies)
         arrays = merge_arrays(arrays, aggregated)
         validation = strategy.aggregate_evaluate(server_round, grid.send_and_receive(
@@ -75,7 +89,7 @@ def run_rounds(strategy: ValidatedUpdates, grid: Grid, arrays: ArrayRecord, firs
             round=server_round, train=_plain(train_metrics), validation=_plain(validation),
             held_out=evaluate_held_out(server_round, arrays),
             seconds=time.perf_counter() - started, sampled=len(sampled),
-            replied=len([m for m in replies if not m.has_error()]),
+            replied=len(clients), clients=clients,
             dropped=_failures(sampled, replies), rejected=list(strategy.rejected))
         on_round_end(result, arrays)
     return arrays
