@@ -7,14 +7,23 @@ Only weights and aggregate metrics leave the site. The centre comes from ``node_
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any
+
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.faults import fault_injection_mod
+from client.privacy import dp_clipping_mod
 from client.site import Site, open_site
 from common.pipeline import fit, new_model, score
 
-app = ClientApp()
+# Clipping for differential privacy wraps everything, a test-only injected fault included.
+MODS = (dp_clipping_mod, fault_injection_mod)
+app = ClientApp(mods=list(MODS))
 
 
 @app.train()
@@ -44,14 +53,25 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Metrics of the global model on the site's validation split."""
+    """Metrics of the global model on the site's validation split.
+
+    The confidence histograms are shares of the site's validation images per confidence bin,
+    so the server's example-weighted average is the pooled histogram of all sites.
+    """
     site = open_site(context)
     model = new_model(site.config, len(site.classes))
     site.restore_local_state(model, msg.content["arrays"], context)
+    started = time.perf_counter()
     metrics = score(model, site.val, site.config)
+    seconds = time.perf_counter() - started
+    histogram = metrics["confidence_histogram"]
     reply = MetricRecord({"val_loss": metrics["loss"], "val_macro_f1": metrics["macro_f1"],
                           "val_balanced_accuracy": metrics["balanced_accuracy"],
-                          "num-examples": len(site.val)})
+                          "val_correct_by_confidence": [c / len(site.val)
+                                                        for c in histogram["correct"]],
+                          "val_wrong_by_confidence": [c / len(site.val)
+                                                      for c in histogram["wrong"]],
+                          "eval_seconds": seconds, "num-examples": len(site.val)})
     return Message(content=RecordDict({"metrics": reply}), reply_to=msg)
 
 
@@ -71,3 +91,18 @@ def _class_counts(train_config: ConfigRecord, site: Site) -> np.ndarray:
         return np.asarray(train_config["federated-counts"], dtype=np.int64)
     return site.train.class_counts()
 
+
+def build_client_app(overrides: Mapping[str, Any]) -> ClientApp:
+    """A ClientApp with the handlers of ``app`` that merges ``overrides`` over the run config
+    (``flwr.simulation.run_simulation`` hands the apps an empty one)."""
+
+    def merge_overrides(msg: Message, context: Context,
+                        call_next: Callable[[Message, Context], Message]) -> Message:
+        # Flower refuses a changed run_config: hand on a copy (sharing the node's state).
+        return call_next(msg, replace(context, run_config={**context.run_config, **overrides}))
+
+    client_app = ClientApp(mods=[merge_overrides, *MODS])
+    client_app.train()(train)
+    client_app.evaluate()(evaluate)
+    client_app.query("class_counts")(class_counts)
+    return client_app

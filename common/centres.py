@@ -165,6 +165,39 @@ def _load_synthetic(spec: CentreSpec, image_size: int, cache_dir: Path, mode: st
                       np.arange(len(labels), dtype=np.int64))
 
 
+def usable_records(spec: CentreSpec) -> tuple[list[tuple[SourceRecord, int]], Counter[str]]:
+    """A file-based centre's image files that map to a class of its taxonomy, with the class
+    index, and the number of dropped files per source class; files are listed, not decoded.
+
+    Raises FileNotFoundError or ValueError, naming the centre and its path, when the data path
+    is missing or unreadable, in no known layout, or nothing in it maps to a class.
+    """
+    if spec.taxonomy not in TAXONOMIES:
+        raise ValueError(f"centre {spec.name!r}: unknown taxonomy {spec.taxonomy!r}; known: "
+                         f"{', '.join(TAXONOMIES)}")
+    if spec.path is None or not Path(spec.path).exists():
+        raise FileNotFoundError(f"centre {spec.name!r}: data path {spec.path} does not exist; "
+                                "expected a folder in a known layout or a CSV manifest")
+    path = Path(spec.path)
+    try:
+        fmt, records = read_records(path, spec.format)
+    except PermissionError as error:
+        raise ValueError(f"centre {spec.name!r}: cannot read {path}: {error}") from error
+    except ValueError as error:
+        raise ValueError(f"centre {spec.name!r}: {error}") from error
+    records = _records_of_centre(records, spec.name, path)
+    classes = TAXONOMIES[spec.taxonomy]
+    targets = [map_label(fmt, r.source_class, spec.taxonomy) for r in records]
+    kept = [(r, classes.index(t)) for r, t in zip(records, targets, strict=True) if t]
+    if not kept:
+        found = sorted({r.source_class for r in records}) or ["no image files"]
+        raise ValueError(f"centre {spec.name!r}: nothing in {path} (format {fmt}) maps to a "
+                         f"{spec.taxonomy} class ({', '.join(classes)}); found: "
+                         f"{', '.join(found)}")
+    dropped = Counter(r.source_class for r, t in zip(records, targets, strict=True) if not t)
+    return kept, dropped
+
+
 def load_centre(spec: CentreSpec, image_size: int, cache_dir: Path, mode: str = "full",
                 synthetic_images: int = 600) -> CentreData:
     """Images, taxonomy labels and groups of one centre, decoded through the image cache.
@@ -179,39 +212,19 @@ def load_centre(spec: CentreSpec, image_size: int, cache_dir: Path, mode: str = 
                          f"{', '.join(MODES)}")
     if spec.format == SYNTHETIC:
         return _load_synthetic(spec, image_size, cache_dir, mode, synthetic_images)
-    if spec.taxonomy not in TAXONOMIES:
-        raise ValueError(f"centre {spec.name!r}: unknown taxonomy {spec.taxonomy!r}; known: "
-                         f"{', '.join(TAXONOMIES)}")
-    if spec.path is None or not Path(spec.path).exists():
-        raise FileNotFoundError(f"centre {spec.name!r}: data path {spec.path} does not exist; "
-                                "expected a folder in a known layout or a CSV manifest")
-    path = Path(spec.path)
-    try:
-        fmt, records = read_records(path, spec.format)
-    except ValueError as error:
-        raise ValueError(f"centre {spec.name!r}: {error}") from error
-    records = _records_of_centre(records, spec.name, path)
-    classes = TAXONOMIES[spec.taxonomy]
-    targets = [map_label(fmt, r.source_class, spec.taxonomy) for r in records]
-    kept = [(r, classes.index(t)) for r, t in zip(records, targets, strict=True) if t]
-    if not kept:
-        found = sorted({r.source_class for r in records}) or ["no image files"]
-        raise ValueError(f"centre {spec.name!r}: nothing in {path} (format {fmt}) maps to a "
-                         f"{spec.taxonomy} class ({', '.join(classes)}); found: "
-                         f"{', '.join(found)}")
+    kept, dropped = usable_records(spec)
     loaded = load_images([r.path for r, _ in kept], image_size, cache_dir, mode,
                          label=f"loading {spec.name}")
     if not len(loaded.readable):
         raise ValueError(f"centre {spec.name!r}: none of the {len(kept)} image files in "
-                         f"{path} could be read as an image")
+                         f"{spec.path} could be read as an image")
     readable = [kept[i] for i in loaded.readable]
-    dropped = Counter(r.source_class for r, t in zip(records, targets, strict=True) if not t)
     stats = {"unreadable": len(loaded.unreadable),
              "duplicates": len(loaded.digests) - len(set(loaded.digests)),
              **{f"dropped:{name}": count for name, count in sorted(dropped.items())}}
     return CentreData(
         name=spec.name,
-        classes=classes,
+        classes=TAXONOMIES[spec.taxonomy],
         images=loaded.images,
         labels=np.array([label for _, label in readable], dtype=np.int64),
         groups=group_ids(loaded.digests, [r.patient for r, _ in readable]),

@@ -60,6 +60,11 @@ class RunConfig:
     output_dir: str = "runs"
     cache_dir: str = ".cache/cytofed"
     run_name: str = "cytofed"
+    compile: bool = False
+    test_time_bn: bool = False
+    dp_noise_multiplier: float = 0.0
+    dp_clipping_norm: float = 1.0
+    dp_delta: float = 1e-5
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration with hyphenated keys, as in pyproject.toml."""
@@ -132,6 +137,9 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "synthetic_images": (lambda v: v >= 20, "an integer >= 20"),
     "device": (lambda v: v in ("auto", "cpu") or v.startswith("cuda"), "'auto', 'cpu' or 'cuda'"),
     "run_name": (lambda v: bool(v) and "/" not in v, "a non-empty name without '/'"),
+    "dp_noise_multiplier": (_non_negative, "a number >= 0 (0 turns differential privacy off)"),
+    "dp_clipping_norm": (_positive, "a positive number"),
+    "dp_delta": (lambda v: 0 < v < 1, "a number in (0, 1)"),
 }
 
 

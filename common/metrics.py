@@ -1,4 +1,11 @@
-"""Classification metrics for imbalanced classes (scikit-learn underneath)."""
+"""Classification metrics for imbalanced classes (scikit-learn underneath) and calibration.
+
+The ``uncertain`` flag of an exported model comes from :func:`uncertainty_threshold`: among
+the equal-width bin edges of the top-class probability, the smallest threshold ``t`` such that
+predictions with confidence >= ``t`` are wrong at most ``target_error`` of the time (default 5%)
+on the training sites' pooled validation histograms (aggregate counts, never per-image data).
+If no edge qualifies the threshold is 1.0 and every prediction is flagged uncertain.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +14,14 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
 
+CONFIDENCE_BINS = 20  # equal-width bins of the top-class probability, for the threshold
+TARGET_ERROR = 0.05  # error rate allowed among predictions not flagged uncertain
+
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
                            classes: Sequence[str]) -> dict:
-    """Macro-F1, balanced accuracy, accuracy, per-class F1, confusion matrix and ECE.
+    """Macro-F1, balanced accuracy, accuracy, per-class F1, confusion matrix, ECE, reliability
+    bins and the confidence histogram.
 
     Macro-F1 and balanced accuracy average over the classes present in ``labels`` (a class a
     centre never sees cannot be scored); per-class F1 is ``None`` for absent classes. The
@@ -31,6 +42,8 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
         "per_class_f1": {name: (float(per_class[i]) if i in present else None)
                          for i, name in enumerate(classes)},
         "confusion_matrix": confusion_matrix(labels, predictions, labels=all_classes).tolist(),
+        "reliability": reliability_bins(labels, probabilities),
+        "confidence_histogram": confidence_histogram(labels, probabilities),
     }
 
 
@@ -53,3 +66,44 @@ def reliability_bins(labels: np.ndarray, probabilities: np.ndarray,
              "confidence": float(confidence[in_bin].mean()),
              "accuracy": float(correct[in_bin].mean())}
             for b in range(n_bins) if np.any(in_bin := bin_of == b)]
+
+
+def confidence_histogram(labels: np.ndarray, probabilities: np.ndarray,
+                         n_bins: int = CONFIDENCE_BINS) -> dict[str, list[int]]:
+    """Counts of correct and of wrong top-class predictions per equal-width confidence bin."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    bin_of = np.minimum((probabilities.max(axis=1) * n_bins).astype(int), n_bins - 1)
+    correct = probabilities.argmax(axis=1) == np.asarray(labels)
+    return {"correct": np.bincount(bin_of[correct], minlength=n_bins).tolist(),
+            "wrong": np.bincount(bin_of[~correct], minlength=n_bins).tolist()}
+
+
+def confident_share(correct: Sequence[float], wrong: Sequence[float],
+                    threshold: float) -> dict[str, float | None]:
+    """Coverage (share of predictions with confidence >= ``threshold``) and their error rate.
+
+    ``correct``/``wrong`` is a :func:`confidence_histogram` (counts or fractions); the threshold
+    is rounded up to a bin edge. The error rate is None when nothing is confident.
+    """
+    first = int(np.ceil(threshold * len(correct) - 1e-9))
+    confident_wrong = float(np.sum(wrong[first:]))
+    confident = float(np.sum(correct[first:])) + confident_wrong
+    total = float(np.sum(correct) + np.sum(wrong))
+    if total <= 0:
+        raise ValueError("the confidence histogram is empty")
+    return {"coverage": confident / total,
+            "error_rate": confident_wrong / confident if confident > 0 else None}
+
+
+def uncertainty_threshold(correct: Sequence[float], wrong: Sequence[float],
+                          target_error: float = TARGET_ERROR) -> dict[str, float | None]:
+    """The smallest bin edge whose confident predictions err at most ``target_error`` of the
+    time (see the module docstring), with the coverage and error rate it gives."""
+    def meets_target(threshold: float) -> bool:
+        error_rate = confident_share(correct, wrong, threshold)["error_rate"]
+        return error_rate is not None and error_rate <= target_error
+
+    edges = (edge / len(correct) for edge in range(len(correct)))
+    threshold = next((edge for edge in edges if meets_target(edge)), 1.0)
+    return {"threshold": threshold, "target_error": target_error,
+            **confident_share(correct, wrong, threshold)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 from pathlib import Path
@@ -14,9 +15,10 @@ from common.augment import build_augmenter
 from common.config import RunConfig
 from common.data import CentreData, CentreSpec, split_indices
 from common.losses import create_loss
-from common.models import create_model
+from common.models import batchnorm_keys, create_model
 from common.train import (
     TrainSettings,
+    adapt_batchnorm,
     evaluate_model,
     images_on_device,
     prepare_model,
@@ -63,7 +65,8 @@ def fit(model: nn.Module, data: CentreData, config: RunConfig, class_counts: np.
     proximal_mu = config.proximal_mu if config.strategy == "fedprox" else 0.0
     settings = TrainSettings(epochs=config.local_epochs, batch_size=config.batch_size,
                              learning_rate=config.learning_rate,
-                             weight_decay=config.weight_decay, proximal_mu=proximal_mu, seed=seed)
+                             weight_decay=config.weight_decay, proximal_mu=proximal_mu, seed=seed,
+                             compile=config.compile)
     loss_fn = create_loss(config.loss, class_counts, progress=min(max(progress, 0.0), 1.0))
     model = prepare_model(model, device)
     return train_local(model, images_on_device(data.images, device), data.labels, loss_fn,
@@ -76,3 +79,25 @@ def score(model: nn.Module, data: CentreData, config: RunConfig) -> dict:
     model = prepare_model(model, device)
     return evaluate_model(model, images_on_device(data.images, device), data.labels,
                           data.classes, device)
+
+
+def uses_test_time_bn(config: RunConfig) -> bool:
+    """Whether held-out results include test-time BatchNorm adaptation (always under FedBN,
+    whose global model has no trained BatchNorm statistics of its own)."""
+    return config.test_time_bn or config.strategy == "fedbn"
+
+
+def score_held_out(model: nn.Module, data: CentreData, config: RunConfig) -> dict[str, dict | None]:
+    """Plain metrics of ``model`` on the held-out centre and, reported separately, those after
+    test-time BatchNorm adaptation on the centre's unlabelled images (None when not configured
+    or the model has no BatchNorm).
+
+    Returns ``{"held_out": ..., "held_out_bn_adapted": ...}``; ``model`` is left unchanged.
+    """
+    adapted = None
+    if uses_test_time_bn(config) and batchnorm_keys(model):
+        device = resolve_device(config.device)
+        tuned = adapt_batchnorm(prepare_model(copy.deepcopy(model), device),
+                                images_on_device(data.images, device), device)
+        adapted = score(tuned, data, config)
+    return {"held_out": score(model, data, config), "held_out_bn_adapted": adapted}

@@ -63,20 +63,58 @@ def prepare_model(model: nn.Module, device: torch.device, compile_model: bool = 
     return torch.compile(model) if compile_model else model
 
 
+def make_optimizer(model: nn.Module, settings: TrainSettings,
+                   device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (the fused kernel on CUDA)."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                             lr=settings.learning_rate, weight_decay=settings.weight_decay,
+                             fused=True if device.type == "cuda" else None)
+
+
+def train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: nn.Module,
+               optimizer: torch.optim.Optimizer, device: torch.device,
+               penalty: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """One optimiser step (bf16 autocast on CUDA); the loss, detached, stays on the device."""
+    with _autocast(device):
+        loss = loss_fn(model(inputs).float(), targets)
+    if penalty is not None:
+        loss = loss + penalty()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def gather_batch(images: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rows ``index`` of ``images`` on ``device``: from pinned host memory through a pinned
+    staging buffer and an asynchronous copy, so the host never waits for the device."""
+    if images.is_pinned():
+        staged = torch.empty((len(index), *images.shape[1:]), dtype=images.dtype,
+                             pin_memory=True)
+        return torch.index_select(images, 0, index, out=staged).to(device, non_blocking=True)
+    return images[index].to(device, non_blocking=True)
+
+
 def train_local(model: nn.Module, images: torch.Tensor, labels: np.ndarray, loss_fn: nn.Module,
                 settings: TrainSettings, augmenter: Augmenter, device: torch.device,
                 on_epoch: Callable[[int, float], None] | None = None) -> dict[str, float]:
     """Train ``model`` in place for ``settings.epochs`` epochs; returns mean loss and throughput.
 
     ``images`` comes from :func:`images_on_device`. With ``proximal_mu > 0`` the FedProx term
-    ``mu/2 * ||w - w_start||^2`` keeps the weights near those the call started from.
+    ``mu/2 * ||w - w_start||^2`` keeps the weights near those the call started from. The host
+    waits for the device once per epoch (the loss), never per step.
     """
     model.train()
+    network = prepare_model(model, device, settings.compile)
     loss_fn = loss_fn.to(device)
     targets = torch.as_tensor(labels, dtype=torch.int64).to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    optimizer = make_optimizer(model, settings, device)
     anchor = [p.detach().clone() for p in model.parameters()] if settings.proximal_mu else []
+
+    def proximal_term() -> torch.Tensor:
+        return settings.proximal_mu / 2 * sum(
+            (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     order_generator = torch.Generator().manual_seed(settings.seed)
     n = len(targets)
@@ -84,21 +122,16 @@ def train_local(model: nn.Module, images: torch.Tensor, labels: np.ndarray, loss
     total_loss, seen, started = 0.0, 0, time.perf_counter()
     for epoch in range(settings.epochs):
         epoch_loss = torch.zeros((), device=device)
+        # The epoch's order is copied to the device once, not one index tensor per step.
         order = torch.randperm(n, generator=order_generator)
+        image_order, target_order = order.to(images.device), order.to(device)
         # Drop the ragged last batch: a batch of one breaks BatchNorm and skews the loss.
         for start in range(0, n - batch_size + 1, batch_size):
-            index = order[start:start + batch_size]
-            batch = images[index.to(images.device)].to(device, non_blocking=True)
-            inputs = augmenter(batch, generator)
-            with _autocast(device):
-                loss = loss_fn(model(inputs).float(), targets[index.to(device)])
-            if anchor:
-                loss = loss + settings.proximal_mu / 2 * sum(
-                    (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            epoch_loss += loss.detach() * len(index)
+            batch = gather_batch(images, image_order[start:start + batch_size], device)
+            loss = train_step(network, augmenter(batch, generator),
+                              targets[target_order[start:start + batch_size]], loss_fn,
+                              optimizer, device, proximal_term if anchor else None)
+            epoch_loss += loss * batch_size
         steps = n // batch_size * batch_size
         total_loss += float(epoch_loss)
         seen += steps

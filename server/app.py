@@ -7,7 +7,10 @@ ServerApp with the same config resumes after the last completed round.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -18,7 +21,9 @@ from common.models import batchnorm_keys
 from common.pipeline import load_centre_data, new_model
 from common.weights import model_state, save_weights
 from server.evaluation import evaluate_held_out
+from server.export import export_model
 from server.federation import RoundResult, run_rounds
+from server.privacy import privacy_summary, private_updates
 from server.report import write_report
 from server.rundir import RunDirectory
 from server.strategies import create_strategy, record_to_state, state_to_record
@@ -36,21 +41,24 @@ def main(grid: Grid, context: Context) -> None:
     model = new_model(config, len(held_out.classes))
     bn_keys = batchnorm_keys(model)
     strategy = create_strategy(config, bn_keys)
+    dp = private_updates(strategy, config, len(training_centres(config, centres)))
     run = RunDirectory.open(Path(config.output_dir), config.run_name, config.to_dict())
     rounds = run.load_progress()
     checkpoint = run.load_checkpoint()
     state = model_state(model)
     first_round = 1
     if checkpoint:
-        state, completed = checkpoint
+        saved, completed = checkpoint
+        state = {key: saved[key] for key in state}  # the model's order, as clipping expects
         rounds = [r for r in rounds if r["round"] <= completed]
+        if dp:
+            dp.restore(rounds)
         first_round = completed + 1
         print(f"[cytofed] resuming {run.path} after round {completed}", flush=True)
-    adapt_bn = config.strategy == "fedbn"
     metadata = {"config": config.to_dict(), "classes": list(held_out.classes)}
 
-    def evaluate(server_round: int, arrays) -> dict:
-        return evaluate_held_out(model, record_to_state(arrays), held_out, config, adapt_bn)
+    def evaluate(server_round: int, arrays) -> dict[str, dict | None]:
+        return evaluate_held_out(model, record_to_state(arrays), held_out, config)
 
     def finish_round(result: RoundResult, arrays) -> None:
         state = record_to_state(arrays)
@@ -58,12 +66,12 @@ def main(grid: Grid, context: Context) -> None:
             save_weights(run.path / "best.safetensors", state,
                          {**metadata, "round": result.round})
         run.save_checkpoint(state, result.round)
-        rounds.append(result.to_dict())
+        rounds.append({**result.to_dict(), **({"privacy": dp.round_privacy()} if dp else {})})
         run.save_progress(rounds, finished=False)
         print(f"[cytofed] round {result.round}/{config.num_server_rounds}: "
               f"train loss {result.train.get('train_loss', float('nan')):.4f}, "
               f"sites' val macro-F1 {result.validation.get('val_macro_f1', float('nan')):.3f}, "
-              f"held-out macro-F1 {result.held_out['macro_f1']:.3f} "
+              f"held-out macro-F1 {result.held_out['macro_f1']:.3f}{_bn_adapted(result)} "
               f"({result.replied}/{result.sampled} sites, {result.seconds:.1f}s)", flush=True)
 
     train_config = ConfigRecord({})
@@ -71,10 +79,10 @@ def main(grid: Grid, context: Context) -> None:
         counts = federated_class_counts(grid, len(held_out.classes))
         if counts is not None:
             train_config["federated-counts"] = counts.tolist()
-    final_arrays = run_rounds(strategy, grid, state_to_record(state), first_round,
+    final_arrays = run_rounds(dp or strategy, grid, state_to_record(state), first_round,
                               config.num_server_rounds, train_config, evaluate, finish_round)
     save_weights(run.path / "final.safetensors", record_to_state(final_arrays), metadata)
-    report_path = finalise(run, config, held_out.classes,
+    report_path = finalise(run, config, held_out.classes, held_out_spec.taxonomy,
                            [c.name for c in training_centres(config, centres)], rounds)
     final = rounds[-1]["held_out"]
     print(f"[cytofed] held-out centre {config.held_out}: macro-F1 {final['macro_f1']:.3f}, "
@@ -96,21 +104,49 @@ def federated_class_counts(grid: Grid, num_classes: int) -> np.ndarray | None:
     return np.sum([np.asarray(c["counts"], dtype=np.int64) for c in configs], axis=0)
 
 
+def build_server_app(overrides: Mapping[str, Any]) -> ServerApp:
+    """A ServerApp running :func:`main` with ``overrides`` merged over the run config
+    (``flwr.simulation.run_simulation`` hands the apps an empty one)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main_with_overrides(grid: Grid, context: Context) -> None:
+        main(grid, replace(context, run_config={**context.run_config, **overrides}))
+
+    return server_app
+
+
+def _bn_adapted(result: RoundResult) -> str:
+    adapted = result.held_out_bn_adapted
+    return f" (BN-adapted {adapted['macro_f1']:.3f})" if adapted else ""
+
+
 def _validation_f1(round_result: dict) -> float:
     return round_result["validation"].get("val_macro_f1", -1.0)
 
 
-def finalise(run: RunDirectory, config: RunConfig, classes: tuple[str, ...],
+def _held_out_results(round_result: dict) -> dict:
+    """Plain and test-time-BN-adapted held-out metrics of a round (the latter may be None)."""
+    return {"held_out": round_result["held_out"],
+            "held_out_bn_adapted": round_result.get("held_out_bn_adapted")}
+
+
+def finalise(run: RunDirectory, config: RunConfig, classes: tuple[str, ...], taxonomy: str,
              training: list[str], rounds: list[dict]) -> Path:
-    """Write the report; the best round is the latest with the top sites' validation F1."""
+    """Write the model card and the report; the best round (exported as the model) is the
+    latest with the top sites' validation F1."""
     best = max(rounds, key=lambda r: (_validation_f1(r), r["round"]))
     report = {
         "run_name": config.run_name, "run_dir": str(run.path), "config": config.to_dict(),
         "classes": list(classes), "held_out_centre": config.held_out,
         "training_centres": training, "rounds": rounds,
-        "final": {"round": rounds[-1]["round"], "held_out": rounds[-1]["held_out"]},
+        "final": {"round": rounds[-1]["round"], **_held_out_results(rounds[-1])},
         "best": {"round": best["round"], "selected_by": "sites' validation macro-F1",
-                 "held_out": best["held_out"]},
+                 **_held_out_results(best)},
         "held_out_macro_f1": rounds[-1]["held_out"]["macro_f1"],
     }
+    privacy = privacy_summary(config, rounds)
+    if privacy:
+        report["privacy"] = privacy
+    report["model"] = export_model(run.path, report, taxonomy)
     return write_report(run.path, report)

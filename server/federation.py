@@ -19,7 +19,8 @@ from server.strategies import ValidatedUpdates
 
 @dataclass
 class RoundResult:
-    """What one round produced; ``held_out`` holds the server-side held-out metrics."""
+    """What one round produced; ``held_out`` holds the server-side held-out metrics and
+    ``held_out_bn_adapted`` those after test-time BatchNorm adaptation (None when not run)."""
 
     round: int
     train: dict[str, float]
@@ -31,18 +32,27 @@ class RoundResult:
     clients: list[dict] = field(default_factory=list)
     dropped: list[dict] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
+    held_out_bn_adapted: dict | None = None
+    site_eval_seconds: list[float] = field(default_factory=list)  # each site's validation
+    held_out_seconds: float = 0.0  # the server's held-out evaluation
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
-def _failures(sampled: list[int], replies: list[Message]) -> list[dict]:
-    """Sampled nodes that returned an error or nothing at all."""
-    answered = {m.metadata.src_node_id for m in replies}
-    failed = [{"node_id": m.metadata.src_node_id, "reason": m.error.reason}
-              for m in replies if m.has_error()]
+def _failures(sent: list[Message], replies: list[Message]) -> list[dict]:
+    """Sampled nodes that returned an error or nothing at all.
+
+    A reply is matched to its node through the message it answers: when a node goes offline
+    mid-round the SuperLink answers in its place, with its own id as the sender.
+    """
+    node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    answers = {node_of.get(m.metadata.reply_to_message_id, m.metadata.src_node_id): m
+               for m in replies}
+    failed = [{"node_id": node, "reason": m.error.reason}
+              for node, m in answers.items() if m.has_error()]
     missing = [{"node_id": n, "reason": "no reply before the round timeout"}
-               for n in sampled if n not in answered]
+               for n in node_of.values() if n not in answers]
     return failed + missing
 
 
@@ -70,7 +80,7 @@ def merge_arrays(previous: ArrayRecord, update: ArrayRecord | None) -> ArrayReco
 
 def run_rounds(strategy: ValidatedUpdates, grid: Grid, arrays: ArrayRecord, first_round: int,
                num_rounds: int, train_config: ConfigRecord,
-               evaluate_held_out: Callable[[int, ArrayRecord], dict],
+               evaluate_held_out: Callable[[int, ArrayRecord], dict[str, dict | None]],
                on_round_end: Callable[[RoundResult, ArrayRecord], None],
                timeout: float = 3600.0) -> ArrayRecord:
     """Run rounds ``first_round..num_rounds``; ``on_round_end`` persists each completed round."""
@@ -82,15 +92,21 @@ def run_rounds(strategy: ValidatedUpdates, grid: Grid, arrays: ArrayRecord, firs
         clients = client_reports(replies)
         aggregated, train_metrics = strategy.aggregate_train(server_round, replies)
         arrays = merge_arrays(arrays, aggregated)
-        validation = strategy.aggregate_evaluate(server_round, grid.send_and_receive(
+        evaluations = list(grid.send_and_receive(
             strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
             timeout=timeout))
+        validation = strategy.aggregate_evaluate(server_round, evaluations)
+        held_out_started = time.perf_counter()
+        held_out = evaluate_held_out(server_round, arrays)
+        finished = time.perf_counter()
         result = RoundResult(
             round=server_round, train=_plain(train_metrics), validation=_plain(validation),
-            held_out=evaluate_held_out(server_round, arrays),
-            seconds=time.perf_counter() - started, sampled=len(sampled),
+            **held_out, seconds=finished - started, sampled=len(sampled),
             replied=len(clients), clients=clients,
-            dropped=_failures(sampled, replies), rejected=list(strategy.rejected))
+            dropped=_failures(messages, replies), rejected=list(strategy.rejected),
+            site_eval_seconds=[m.content["metrics"]["eval_seconds"] for m in evaluations
+                               if not m.has_error() and "eval_seconds" in m.content["metrics"]],
+            held_out_seconds=finished - held_out_started)
         on_round_end(result, arrays)
     return arrays
 

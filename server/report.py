@@ -1,33 +1,56 @@
-"""The run report: report.json, report.md and figures beside them."""
+"""The run report: report.json, report.md, a self-contained report.html and the figures.
+
+Sections: held-out results (macro-F1, balanced accuracy, per-class F1, confusion matrix), F1
+over rounds, calibration (ECE, reliability diagram, the exported model's ``uncertain``
+threshold), each centre's class counts as its site reported them (aggregates only), dropped or
+rejected clients, the exported model and the run config. ``cytofed report RUN_DIR...``
+rewrites them from report.json and, given several runs or a LOCO sweep folder, compares them
+(see ``server.comparison``).
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
+from server.comparison import read_loco_rows, render_comparison, rows_from_reports
+from server.html_report import (
+    Document,
+    Plot,
+    Section,
+    Table,
+    fmt,
+    new_axes,
+    new_figure,
+    save_figure,
+    write_document,
+)
 
-def _figure(width: float, height: float) -> tuple[Figure, Axes]:
-    """A figure not registered with pyplot (no global state, no display backend)."""
-    fig = Figure(figsize=(width, height))
-    return fig, fig.subplots()
+METRICS = (("macro_f1", "macro-F1"), ("balanced_accuracy", "balanced accuracy"),
+           ("accuracy", "accuracy"), ("ece", "expected calibration error"))
 
 
 def plot_f1_over_rounds(rounds: list[dict], path: Path) -> Path:
-    """Held-out macro-F1 and site validation macro-F1 per round."""
-    fig, ax = _figure(6, 3.5)
+    """Held-out macro-F1 (plain and BN-adapted, if any) and sites' validation macro-F1."""
+    fig, ax = new_axes(6, 3.5)
     x = [r["round"] for r in rounds]
     ax.plot(x, [r["held_out"]["macro_f1"] for r in rounds], marker="o", label="held-out centre")
+    if all(r.get("held_out_bn_adapted") for r in rounds):
+        ax.plot(x, [r["held_out_bn_adapted"]["macro_f1"] for r in rounds], marker="^",
+                label="held-out, BN-adapted")
     val = [r["validation"].get("val_macro_f1") for r in rounds]
     if any(v is not None for v in val):
         ax.plot(x, val, marker="s", linestyle="--", label="sites' validation")
-    ax.set(xlabel="round", ylabel="macro-F1", ylim=(0, 1), title="Macro-F1 over rounds")
+    ax.set(xlabel="round", ylabel="macro-F1", ylim=(0, 1.02), title="Macro-F1 over rounds")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(fig, path)
+    ax.legend(loc="lower right")
+    return save_figure(fig, path)
 
 
 def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: Path,
@@ -35,7 +58,7 @@ def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: Pat
     """Row-normalised confusion matrix with counts in the cells."""
     counts = np.asarray(matrix)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    fig, ax = _figure(1.1 * len(classes) + 2, 1.0 * len(classes) + 1.5)
+    fig, ax = new_axes(0.8 * len(classes) + 2.2, 0.7 * len(classes) + 1.8)
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     for (i, j), count in np.ndenumerate(counts):
         ax.text(j, i, str(count), ha="center", va="center",
@@ -43,70 +66,249 @@ def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: Pat
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
     ax.set(xlabel="predicted", ylabel="true", title=title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_per_class_f1(per_class: dict[str, float | None], path: Path) -> Path:
     """Bar chart of per-class F1 (classes absent from the centre are left out)."""
     present = {k: v for k, v in per_class.items() if v is not None}
-    fig, ax = _figure(6, 3.5)
+    fig, ax = new_axes(6, 3.5)
     ax.bar(list(present), list(present.values()), color="tab:purple")
     ax.set(ylim=(0, 1), ylabel="F1", title="Held-out per-class F1")
     ax.tick_params(axis="x", rotation=45)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+def plot_reliability(bins: list[dict], ece: float, path: Path) -> Path:
+    """Reliability diagram: accuracy per confidence bin against the diagonal of perfect
+    calibration, with the share of predictions per bin below."""
+    fig = new_figure(5, 4.8)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": (3, 1)})
+    centres = [(b["lower"] + b["upper"]) / 2 for b in bins]
+    width = bins[0]["upper"] - bins[0]["lower"] if bins else 0.1
+    top.bar(centres, [b["accuracy"] for b in bins], width=width, color="tab:blue",
+            edgecolor="white", label="accuracy")
+    top.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="black",
+             markersize=3, label="(mean confidence, accuracy)")
+    top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    top.set(ylim=(0, 1), ylabel="accuracy", title=f"Held-out reliability (ECE {ece:.3f})")
+    top.legend(loc="upper left", fontsize=8)
+    total = sum(b["count"] for b in bins) or 1
+    bottom.bar(centres, [b["count"] / total for b in bins], width=width, color="tab:grey")
+    bottom.set(xlim=(0, 1), xlabel="confidence (top-class probability)", ylabel="share")
+    return save_figure(fig, path)
 
 
-def render_markdown(report: dict) -> str:
-    """A short human summary of ``report.json``."""
+def centre_class_counts(report: dict) -> dict[str, list[int]]:
+    """Training class counts per centre, as each site last reported them."""
+    return {client["centre"]: client["class-counts"]
+            for r in report["rounds"] for client in r.get("clients", [])
+            if "class-counts" in client}
+
+
+def _held_out_section(report: dict, run_dir: Path) -> Section:
+    final, best = report["final"], report["best"]
+    adapted = [k for k in ("final", "best") if report[k].get("held_out_bn_adapted")]
+    metrics = Table(
+        ("held-out metric", "final round", f"best round ({best['round']})",
+         *(f"{k}, BN-adapted" for k in adapted)),
+        [(label, fmt(final["held_out"][key]), fmt(best["held_out"][key]),
+          *(fmt(report[k]["held_out_bn_adapted"][key]) for k in adapted))
+         for key, label in METRICS])
+    support = np.asarray(final["held_out"]["confusion_matrix"]).sum(axis=1)
+    per_class = Table(
+        ("class", "held-out images", "F1 final", "F1 best"),
+        [(name, str(n), fmt(f1), fmt(best["held_out"]["per_class_f1"][name]))
+         for (name, f1), n in zip(final["held_out"]["per_class_f1"].items(), support,
+                                  strict=True)])
+    paragraphs = [
+        f"Every image of {report['held_out_centre']}, a centre that never trained, scored by "
+        "the server. Macro-F1 and balanced accuracy weigh rare cells like common ones. The "
+        f"best round is chosen by the {best['selected_by']}, never by held-out labels."]
+    if report["config"]["strategy"] == "fedbn":
+        paragraphs.append("FedBN: BatchNorm stays at the sites, so the plain held-out columns "
+                          "use the averaged weights with the initial BatchNorm; the BN-adapted "
+                          "columns are the meaningful ones.")
+    return Section(f"Held-out centre {report['held_out_centre']}", tuple(paragraphs),
+                   (metrics, per_class),
+                   (Plot(run_dir / "confusion_matrix.png", "confusion matrix, final round"),
+                    Plot(run_dir / "per_class_f1.png", "per-class F1, final round")))
+
+
+def _rounds_section(report: dict, run_dir: Path) -> Section:
+    rows = [(str(r["round"]), fmt(r["train"].get("train_loss"), 4),
+             fmt(r["validation"].get("val_macro_f1")), fmt(r["held_out"]["macro_f1"]),
+             fmt(r["held_out"]["balanced_accuracy"]), fmt(r["held_out"]["ece"]),
+             f"{r['replied']}/{r['sampled']}", f"{r['seconds']:.1f}")
+            for r in report["rounds"]]
+    table = Table(("round", "train loss", "sites' val macro-F1", "held-out macro-F1",
+                   "held-out bal. acc.", "held-out ECE", "sites", "seconds"), rows)
+    return Section("F1 over rounds", (), (table,),
+                   (Plot(run_dir / "f1_over_rounds.png", "macro-F1 per round"),))
+
+
+def _calibration_section(report: dict, run_dir: Path) -> Section:
     final = report["final"]["held_out"]
-    lines = [
-        f"# cytofed run {report['run_name']}",
-        "",
-        f"Held-out centre **{report['held_out_centre']}**, trained on "
-        f"{', '.join(report['training_centres'])}; strategy `{report['config']['strategy']}`, "
-        f"loss `{report['config']['loss']}`, model `{report['config']['model']}`.",
-        "",
-        "| metric | final | best by sites' validation (round "
-        f"{report['best']['round']}) |",
-        "|---|---|---|",
-    ]
-    best = report["best"]["held_out"]
-    for key in ("macro_f1", "balanced_accuracy", "accuracy", "ece"):
-        lines.append(f"| held-out {key} | {final[key]:.3f} | {best[key]:.3f} |")
-    lines += ["", "| class | F1 |", "|---|---|"]
-    lines += [f"| {name} | {'n/a' if f1 is None else f'{f1:.3f}'} |"
-              for name, f1 in final["per_class_f1"].items()]
-    lines += ["", "| round | train loss | sites' val macro-F1 | held-out macro-F1 | seconds |",
-              "|---|---|---|---|---|"]
-    for r in report["rounds"]:
-        lines.append(f"| {r['round']} | {r['train'].get('train_loss', float('nan')):.4f} | "
-                     f"{r['validation'].get('val_macro_f1', float('nan')):.3f} | "
-                     f"{r['held_out']['macro_f1']:.3f} | {r['seconds']:.1f} |")
-    incidents = [(r["round"], kind, item) for r in report["rounds"]
-                 for kind in ("dropped", "rejected") for item in r[kind]]
-    if incidents:
-        lines += ["", "| round | event | node | reason |", "|---|---|---|---|"]
-        lines += [f"| {rnd} | {kind} | {item['node_id']} | {item['reason']} |"
-                  for rnd, kind, item in incidents]
-    lines += ["", "![F1 over rounds](f1_over_rounds.png)",
-              "![confusion matrix](confusion_matrix.png)", "![per-class F1](per_class_f1.png)", ""]
-    return "\n".join(lines)
+    paragraphs = [f"Expected calibration error of the top-class probability (15 equal-width "
+                  f"bins) on the held-out centre: {fmt(final['ece'])} after the final round, "
+                  f"{fmt(report['best']['held_out']['ece'])} after the best round."]
+    tables, plots = [], []
+    model = report.get("model", {})
+    if model.get("uncertainty"):
+        calibration = model["uncertainty"]
+        paragraphs.append(
+            f"The exported model flags a prediction as uncertain when its confidence is below "
+            f"{calibration['threshold']:.2f}: the smallest threshold at which predictions on "
+            f"{calibration['calibrated_on']} are wrong at most "
+            f"{calibration['target_error']:.0%} of the time, pooled from the sites' aggregate "
+            "confidence histograms (no held-out label is used).")
+        rows = [("sites' validation (calibration)", fmt(calibration["coverage"]),
+                 fmt(calibration["error_rate"]))]
+        if "held_out_at_threshold" in model:
+            share = model["held_out_at_threshold"]
+            rows.append((f"held-out {report['held_out_centre']}, best round",
+                         fmt(share["coverage"]), fmt(share["error_rate"])))
+        tables.append(Table(("at the threshold", "coverage (confident share)",
+                             "error rate when confident"), rows))
+    if "reliability" in final:
+        plots.append(Plot(run_dir / "reliability.png", "reliability diagram, final round"))
+    return Section("Calibration", tuple(paragraphs), tuple(tables), tuple(plots))
+
+
+def _centres_section(report: dict) -> Section:
+    classes = report["classes"]
+    counts = centre_class_counts(report)
+    rows = [(centre, *map(str, values), str(sum(values))) for centre, values in counts.items()]
+    held_out = np.asarray(report["final"]["held_out"]["confusion_matrix"]).sum(axis=1).tolist()
+    rows.append((f"{report['held_out_centre']} (held out)", *map(str, held_out),
+                 str(sum(held_out))))
+    missing = [c for c in report["training_centres"] if c not in counts]
+    paragraphs = ["Training-split class counts as each site reported them with its update "
+                  "(aggregates only, no image leaves a site); the held-out row counts the "
+                  "images the server evaluated."]
+    if missing:
+        paragraphs.append(f"No class counts reported by: {', '.join(missing)}.")
+    return Section("Centres", tuple(paragraphs),
+                   (Table(("centre", *classes, "total"), rows),))
+
+
+def _clients_section(report: dict) -> Section:
+    centre_of = {c["node_id"]: c.get("centre", "?")
+                 for r in report["rounds"] for c in r.get("clients", [])}
+    rows = [(str(r["round"]), kind, str(item["node_id"]), centre_of.get(item["node_id"], "?"),
+             item["reason"])
+            for r in report["rounds"] for kind in ("dropped", "rejected") for item in r[kind]]
+    if not rows:
+        return Section("Dropped or rejected clients",
+                       ("None: every sampled site answered and every update was accepted in "
+                        "every round.",))
+    return Section("Dropped or rejected clients", (),
+                   (Table(("round", "event", "node", "centre", "reason"), rows),))
+
+
+def _privacy_section(report: dict) -> Section:
+    privacy = report["privacy"]
+    rows = [(str(r["round"]), fmt(r["privacy"]["released_noise_multiplier"]),
+             fmt(r["privacy"]["epsilon"]), f"{r['privacy']['delta']:g}")
+            for r in report["rounds"]]
+    return Section("Differential privacy", (
+        f"Each site clipped its update to L2 norm {privacy['clipping_norm']:g}; the server "
+        f"added Gaussian noise (noise multiplier {privacy['noise_multiplier']:g}) to the "
+        f"equally weighted average of the accepted updates. After {privacy['releases']} noised "
+        f"releases: epsilon {privacy['epsilon']:.3f} at delta {privacy['delta']:g} "
+        f"({privacy['accounting']}).",),
+        (Table(("round", "released noise multiplier", "epsilon so far", "delta"), rows),))
+
+
+def _model_section(report: dict, run_dir: Path) -> Section:
+    model = report.get("model")
+    if model is None:
+        return Section("Model", ("This run exported no model card.",))
+    card = run_dir / model["card"]
+    return Section("Model", (
+        f"{model['card']} describes {model['weights']} (the best round's weights): taxonomy, "
+        "preprocessing, backbone, training centres, held-out metrics and the uncertainty "
+        "threshold. Apply it without Flower or the training config:",),
+        code=(f"cytofed predict --model {card} --images DIR --out preds.csv",
+              f"cytofed evaluate --model {card} --centre CENTRE.toml"))
+
+
+def _config_section(config: dict) -> Section:
+    items = [(key, str(value)) for key, value in config.items()]
+    half = (len(items) + 1) // 2
+    return Section("Configuration", (), (Table(("key", "value"), items[:half]),
+                                         Table(("key", "value"), items[half:])))
+
+
+def run_document(report: dict, run_dir: Path) -> Document:
+    """The report of one run as a document (figures must already be in ``run_dir``)."""
+    config, final = report["config"], report["final"]["held_out"]
+    highlights = [("held-out macro-F1", fmt(final["macro_f1"])),
+                  ("balanced accuracy", fmt(final["balanced_accuracy"])),
+                  ("calibration error", fmt(final["ece"])),
+                  (f"best round ({report['best']['round']}) macro-F1",
+                   fmt(report["best"]["held_out"]["macro_f1"]))]
+    threshold = (report.get("model") or {}).get("uncertainty")
+    if threshold:
+        highlights.append(("uncertain below", f"{threshold['threshold']:.2f}"))
+    if report.get("privacy"):
+        highlights.append(("epsilon", f"{report['privacy']['epsilon']:.2f} "
+                                      f"(delta {report['privacy']['delta']:g})"))
+    subtitle = (f"Held-out centre {report['held_out_centre']}, trained on "
+                f"{', '.join(report['training_centres'])}; strategy {config['strategy']}, "
+                f"loss {config['loss']}, model {config['model']} at {config['image-size']} px, "
+                f"{len(report['rounds'])} rounds.")
+    return Document(
+        f"cytofed run {Path(report['run_dir']).name}", subtitle,
+        [_held_out_section(report, run_dir), _rounds_section(report, run_dir),
+         _calibration_section(report, run_dir), _centres_section(report),
+         _clients_section(report),
+         *([_privacy_section(report)] if report.get("privacy") else []),
+         _model_section(report, run_dir),
+         _config_section(config)],
+        highlights)
 
 
 def write_report(run_dir: Path, report: dict) -> Path:
-    """Write report.json, report.md and the figures; returns the path of report.json."""
+    """Write the figures, report.md, report.html and report.json; returns report.json's path."""
     final = report["final"]["held_out"]
     plot_f1_over_rounds(report["rounds"], run_dir / "f1_over_rounds.png")
     plot_confusion_matrix(final["confusion_matrix"], report["classes"],
                           run_dir / "confusion_matrix.png")
     plot_per_class_f1(final["per_class_f1"], run_dir / "per_class_f1.png")
-    (run_dir / "report.md").write_text(render_markdown(report))
+    if "reliability" in final:
+        plot_reliability(final["reliability"], final["ece"], run_dir / "reliability.png")
+    write_document(run_document(report, run_dir), run_dir, "report")
     path = run_dir / "report.json"
     path.write_text(json.dumps(report, indent=2))
     return path
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    reports, rows = [], []
+    for run_dir in args.run_dirs:
+        if (run_dir / "loco.json").is_file():
+            rows += read_loco_rows(run_dir / "loco.json")
+        elif (run_dir / "report.json").is_file():
+            report = json.loads((run_dir / "report.json").read_text())
+            write_report(run_dir, report)
+            reports.append({**report, "run_dir": str(run_dir)})
+            print(run_dir / "report.html")
+        else:
+            raise FileNotFoundError(f"{run_dir}: holds neither report.json nor loco.json")
+    if len(args.run_dirs) > 1 or rows:
+        out = args.out or Path(os.path.commonpath([p.resolve() for p in args.run_dirs]))
+        print(render_comparison(rows_from_reports(reports) + rows, out))
+    return 0
+
+
+def register_report_command(parser: argparse.ArgumentParser) -> None:
+    """``cytofed report RUN_DIR [RUN_DIR...] [--out DIR]``."""
+    parser.description = ("Rewrite each run's report (report.html, report.md, figures) from "
+                          "its report.json; with several runs or a LOCO sweep folder "
+                          "(loco.json), also write comparison.html/.md/.json.")
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="run directory (report.json) or sweep folder (loco.json)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for the comparison (default: the runs' common parent)")
+    parser.set_defaults(func=_run_report)

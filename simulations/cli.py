@@ -10,6 +10,12 @@ from collections.abc import Sequence
 # Sub-command name -> "module:function" that adds its arguments to a parser and sets ``func``.
 COMMANDS: dict[str, str] = {
     "data": "common.inspect:register_data_command",
+    "bench": "simulations.bench:register_bench_command",
+    "site": "client.daemon:register_site_command",
+    "loco": "simulations.loco:register_loco_command",
+    "report": "server.report:register_report_command",
+    "evaluate": "common.inference:register_evaluate_command",
+    "predict": "common.inference:register_predict_command",
 }
 
 

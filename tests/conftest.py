@@ -52,3 +52,13 @@ def wbc_class_folders(tmp_path: Path, write_wbc_image: Callable[..., Path]) -> P
     (root / "eosinophil" / "copy_of_eosinophil_0.jpg").write_bytes(duplicate.read_bytes())
     (root / "neutrophil" / "broken.jpg").write_bytes(b"not an image at all")
     return root
+
+
+@pytest.fixture
+def tiny_centre(tmp_path: Path, wbc_class_folders: Path, monkeypatch) -> list[str]:
+    """``cytofed bench`` arguments reading the decoded images of ``wbc_class_folders`` as one
+    centre, through a decoded-image cache in ``tmp_path``."""
+    monkeypatch.setenv("CYTOFED_CACHE_DIR", str(tmp_path / "cache"))
+    toml = tmp_path / "centre.toml"
+    toml.write_text(f'name = "tiny"\npath = "{wbc_class_folders}"\n')
+    return ["--data-source", str(toml), "--centre", "tiny"]

@@ -1,0 +1,215 @@
+"""Apply an exported model without Flower: metrics on a labelled centre, predictions on a folder.
+
+``MODEL`` is a model card, a run directory or a weights file beside its card (see
+``common.modelcard``). Images are decoded exactly as in training (``common.imagecache``), into
+a temporary cache unless a cache folder is given, so the training cache is never written
+unasked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.centres import load_centre, read_centre
+from common.imagecache import load_images
+from common.metrics import confident_share
+from common.modelcard import ModelCard, load_exported_model
+from common.train import (
+    adapt_batchnorm,
+    evaluate_model,
+    images_on_device,
+    predict_probabilities,
+    prepare_model,
+    resolve_device,
+)
+
+BATCH = 256  # images decoded, then predicted, per progress step
+
+
+@contextmanager
+def decoding_cache(cache_dir: Path | None) -> Iterator[Path]:
+    """``cache_dir`` if given, else a temporary folder removed afterwards."""
+    if cache_dir is not None:
+        yield Path(cache_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="cytofed-decode-") as temporary:
+        yield Path(temporary)
+
+
+def show_progress(label: str, done: int, total: int, width: int = 30) -> None:
+    """An in-place progress bar on stderr; the last call ends the line."""
+    filled = round(width * done / max(total, 1))
+    print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}",
+          end="\n" if done >= total else "", file=sys.stderr, flush=True)
+
+
+def prepared(model: nn.Module, card: ModelCard, images: np.ndarray,
+             device_name: str) -> tuple[nn.Module, torch.Tensor, torch.device]:
+    """Model and images on the device; BatchNorm adapted to the images if the card asks."""
+    device = resolve_device(device_name)
+    model = prepare_model(model, device)
+    tensor = images_on_device(images, device)
+    if card.adapt_batchnorm:
+        adapt_batchnorm(model, tensor, device)
+    return model, tensor, device
+
+
+def evaluate_centre(model_path: Path, centre_path: Path, cache_dir: Path | None = None,
+                    device: str = "auto") -> dict:
+    """Metrics of an exported model on the labelled centre of a centre TOML file.
+
+    ``common.metrics.classification_metrics`` plus loss, the centre, and the coverage and
+    error rate at the card's ``uncertain`` threshold.
+    """
+    model, card = load_exported_model(model_path)
+    spec = read_centre(centre_path)
+    if spec.taxonomy != card.taxonomy:
+        raise ValueError(f"centre {spec.name!r} uses taxonomy {spec.taxonomy!r}, the model "
+                         f"predicts {card.taxonomy!r}")
+    with decoding_cache(cache_dir) as cache:
+        data = load_centre(spec, card.preprocessing.image_size, cache,
+                           mode=card.preprocessing.field_of_view)
+    model, images, torch_device = prepared(model, card, data.images, device)
+    metrics = evaluate_model(model, images, data.labels, card.classes, torch_device)
+    result = {"centre": spec.name, "model": str(model_path), **metrics}
+    if card.threshold is not None:
+        histogram = metrics["confidence_histogram"]
+        result["uncertain"] = {"threshold": card.threshold, **confident_share(
+            histogram["correct"], histogram["wrong"], card.threshold)}
+    return result
+
+
+def predict_folder(model_path: Path, images_dir: Path, out: Path,
+                   cache_dir: Path | None = None, device: str = "auto",
+                   threshold: float | None = None) -> dict:
+    """Write one CSV row per readable image file under ``images_dir`` (recursively).
+
+    Columns: file (relative to ``images_dir``), predicted class, confidence, ``uncertain``
+    (confidence below the card's calibrated threshold, or ``threshold``) and one probability
+    per class. Unreadable files are listed in ``<out stem>.unreadable.txt`` and on stderr.
+    Returns counts and the paths written.
+    """
+    model, card = load_exported_model(model_path)
+    threshold = card.threshold if threshold is None else threshold
+    if threshold is None:
+        raise ValueError(f"model {model_path} has no calibrated uncertainty threshold; "
+                         "give one with --threshold")
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"image folder {images_dir} does not exist")
+    paths = sorted(p for p in images_dir.rglob("*") if p.is_file())
+    if not paths:
+        raise ValueError(f"no files in {images_dir}")
+    readable, unreadable, batches = [], [], []
+    with decoding_cache(cache_dir) as cache:
+        for start in range(0, len(paths), BATCH):
+            chunk = paths[start:start + BATCH]
+            loaded = load_images(chunk, card.preprocessing.image_size, cache,
+                                 card.preprocessing.field_of_view)
+            readable += [chunk[i] for i in loaded.readable]
+            unreadable += loaded.unreadable
+            batches.append(loaded.images)
+            show_progress("decoding", start + len(chunk), len(paths))
+    probabilities = np.empty((0, len(card.classes)), np.float32)
+    if readable:
+        model, images, torch_device = prepared(model, card, np.concatenate(batches), device)
+        parts = []
+        for start in range(0, len(readable), BATCH):
+            parts.append(predict_probabilities(model, images[start:start + BATCH], torch_device))
+            show_progress("predicting", start + len(parts[-1]), len(readable))
+        probabilities = np.concatenate(parts)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    confidence = probabilities.max(axis=1)
+    with out.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "predicted", "confidence", "uncertain",
+                         *(f"p_{name}" for name in card.classes)])
+        for path, row, top in zip(readable, probabilities, confidence, strict=True):
+            writer.writerow([path.relative_to(images_dir).as_posix(),
+                             card.classes[int(row.argmax())], f"{top:.4f}", top < threshold,
+                             *(f"{p:.4f}" for p in row)])
+    unreadable_list = out.with_suffix(".unreadable.txt")
+    unreadable_list.write_text("".join(f"{p.relative_to(images_dir).as_posix()}\n"
+                                       for p in unreadable))
+    for path in unreadable:
+        print(f"unreadable: {path}", file=sys.stderr)
+    return {"predictions": len(readable), "uncertain": int(np.sum(confidence < threshold)),
+            "unreadable": len(unreadable), "threshold": threshold, "csv": str(out),
+            "unreadable_list": str(unreadable_list)}
+
+
+def format_evaluation(result: dict) -> str:
+    """The result of :func:`evaluate_centre` as a short human-readable text."""
+    lines = [f"{result['model']} on centre {result['centre']} ({result['num_examples']} images)",
+             f"macro-F1 {result['macro_f1']:.3f}, balanced accuracy "
+             f"{result['balanced_accuracy']:.3f}, accuracy {result['accuracy']:.3f}, "
+             f"ECE {result['ece']:.3f}"]
+    if "uncertain" in result:
+        share = result["uncertain"]
+        error = "n/a" if share["error_rate"] is None else f"{share['error_rate']:.3f}"
+        lines.append(f"confidence >= {share['threshold']:.2f}: coverage "
+                     f"{share['coverage']:.3f}, error rate {error}")
+    classes = list(result["per_class_f1"])
+    width = max(map(len, classes))
+    lines += ["", f"{'class':<{width}}  F1     confusion (predicted: {' '.join(classes)})"]
+    for name, row in zip(classes, result["confusion_matrix"], strict=True):
+        f1 = result["per_class_f1"][name]
+        f1_text = "  n/a" if f1 is None else f"{f1:.3f}"
+        lines.append(f"{name:<{width}}  {f1_text}  {' '.join(f'{c:>5}' for c in row)}")
+    return "\n".join(lines)
+
+
+def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True,
+                        help="model_card.json, a run directory, or a weights file beside its card")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="keep decoded images here (default: a temporary folder)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    result = evaluate_centre(args.model, args.centre, args.cache_dir, args.device)
+    print(json.dumps(result, indent=2) if args.json else format_evaluation(result))
+    return 0
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    summary = predict_folder(args.model, args.images, args.out, args.cache_dir, args.device,
+                             args.threshold)
+    print(f"{summary['predictions']} predictions ({summary['uncertain']} uncertain at "
+          f"confidence < {summary['threshold']:.2f}) in {summary['csv']}; "
+          f"{summary['unreadable']} unreadable files listed in {summary['unreadable_list']}")
+    return 0
+
+
+def register_evaluate_command(parser: argparse.ArgumentParser) -> None:
+    """``cytofed evaluate --model MODEL --centre CENTRE.toml [--json]``."""
+    parser.description = "Metrics of an exported model on a labelled centre."
+    _add_common_arguments(parser)
+    parser.add_argument("--centre", type=Path, required=True, help="the centre's TOML file")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    parser.set_defaults(func=_run_evaluate)
+
+
+def register_predict_command(parser: argparse.ArgumentParser) -> None:
+    """``cytofed predict --model MODEL --images DIR --out preds.csv [--threshold T]``."""
+    parser.description = "Predict the class of every image file in a folder (recursively)."
+    _add_common_arguments(parser)
+    parser.add_argument("--images", type=Path, required=True, help="folder of image files")
+    parser.add_argument("--out", type=Path, required=True, help="CSV file to write")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="flag predictions below this confidence as uncertain "
+                             "(default: the threshold calibrated in the model card)")
+    parser.set_defaults(func=_run_predict)

@@ -1,0 +1,139 @@
+"""The exported model: safetensors weights plus a model card JSON that says how to use them.
+
+The card holds everything needed to rebuild and apply the model without Flower and without
+the training config: the taxonomy's classes, the backbone and its normalisation layers, the
+preprocessing (see ``common.imagecache``: square padding with the border's median colour,
+Lanczos resize, full image or cell-centred crop; then ImageNet mean/std), the training and
+held-out centres, the held-out metrics and the ``uncertain`` threshold calibrated on the
+training sites' validation data (see ``common.metrics.uncertainty_threshold``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from common.augment import IMAGENET_MEAN, IMAGENET_STD
+from common.imagecache import CACHE_VERSION, MODES
+from common.models import create_model
+from common.weights import load_state, load_weights
+
+CARD_FILE = "model_card.json"
+CARD_FORMAT = "cytofed-model-card/1"
+PADDING = "pad to a square with the median colour of the image border, then Lanczos resize"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image file becomes the model's input."""
+
+    image_size: int
+    field_of_view: str = "full"  # one of common.imagecache.MODES
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    padding: str = PADDING
+    decoder_version: int = CACHE_VERSION  # common.imagecache.CACHE_VERSION it was trained with
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What an exported model is, how it was trained and how it should be applied.
+
+    ``weights`` is the safetensors file, relative to the card. ``adapt_batchnorm`` (FedBN)
+    asks for BatchNorm statistics to be re-estimated on the images before predicting.
+    ``uncertainty`` is the output of ``common.metrics.uncertainty_threshold`` or None.
+    """
+
+    classes: tuple[str, ...]
+    taxonomy: str
+    backbone: str
+    norm: str
+    preprocessing: Preprocessing
+    weights: str = "best.safetensors"
+    adapt_batchnorm: bool = False
+    training_centres: tuple[str, ...] = ()
+    held_out_centre: str | None = None
+    held_out_metrics: dict[str, Any] = field(default_factory=dict)
+    uncertainty: dict[str, Any] | None = None
+    training: dict[str, Any] = field(default_factory=dict)  # strategy, loss, rounds, round used
+
+    @property
+    def threshold(self) -> float | None:
+        """Confidence below which a prediction is flagged ``uncertain`` (None: not calibrated)."""
+        return None if self.uncertainty is None else self.uncertainty["threshold"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": CARD_FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+        """Inverse of :meth:`to_dict`; raises ValueError naming what is wrong."""
+        if data.get("format") != CARD_FORMAT:
+            raise ValueError(f"not a cytofed model card (format {data.get('format')!r}, "
+                             f"expected {CARD_FORMAT!r})")
+        values = {k: v for k, v in data.items() if k != "format"}
+        try:
+            steps = dict(values.pop("preprocessing"))
+            preprocessing = Preprocessing(**{**steps, "mean": tuple(steps["mean"]),
+                                             "std": tuple(steps["std"])})
+            card = cls(**{**values, "preprocessing": preprocessing,
+                          "classes": tuple(values["classes"]),
+                          "training_centres": tuple(values.get("training_centres", ()))})
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"model card is missing or has an unknown field: {error}") from error
+        if preprocessing.field_of_view not in MODES:
+            raise ValueError(f"model card: unknown field of view {preprocessing.field_of_view!r}")
+        return card
+
+
+def write_model_card(path: Path, card: ModelCard) -> Path:
+    """Write ``card`` as JSON to ``path``."""
+    path = Path(path)
+    path.write_text(json.dumps(card.to_dict(), indent=2) + "\n")
+    return path
+
+
+def read_model_card(path: Path) -> ModelCard:
+    """The card at ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model card {path} does not exist")
+    try:
+        return ModelCard.from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON: {error}") from error
+
+
+def find_model_card(path: Path) -> Path:
+    """The card of ``path``: the card itself, a run directory's, or a weights file's sibling."""
+    path = Path(path)
+    if path.is_dir():
+        return path / CARD_FILE
+    return path if path.suffix == ".json" else path.with_name(CARD_FILE)
+
+
+def load_exported_model(path: Path) -> tuple[nn.Module, ModelCard]:
+    """The model (eval mode, on the CPU) and card of a card, run directory or weights file.
+
+    Given a weights file, that file is loaded with its sibling card's description.
+    """
+    card_path = find_model_card(path)
+    card = read_model_card(card_path)
+    path = Path(path)
+    weights = path if path.suffix == ".safetensors" else card_path.parent / card.weights
+    steps = card.preprocessing
+    if (steps.decoder_version, steps.mean, steps.std) != (CACHE_VERSION, IMAGENET_MEAN,
+                                                          IMAGENET_STD):
+        raise ValueError(f"{card_path}: trained with image decoder v{steps.decoder_version} "
+                         f"and mean/std {steps.mean}/{steps.std}; this version decodes as "
+                         f"v{CACHE_VERSION} and normalises with ImageNet's, so predictions "
+                         "would not match training")
+    model = create_model(card.backbone, len(card.classes), pretrained="", norm=card.norm)
+    state, _ = load_weights(weights)
+    load_state(model, state)
+    return model.eval(), card

@@ -1,0 +1,370 @@
+"""Leave-one-centre-out benchmark: ``cytofed loco``.
+
+Every centre of a centres file is held out in turn. For each held-out centre, method, loss and
+seed one run: a federated strategy on Flower's simulation engine (one SuperNode per training
+centre, no image leaves its site), or a centralised baseline of :mod:`common.baselines`
+(``pooled``, ``local``). Pooled ERM with cross-entropy is always in the table. Every run is
+scored at the round chosen by the training centres' validation macro-F1, never by the held-out
+centre's labels. ``DIR/loco.json`` holds a header (command, machine, date, recipe, selection
+rule) and one row per held-out centre x method x loss; ``DIR/loco.md`` renders it. Finished
+runs are kept in ``DIR/runs/`` and reused when the sweep is run again with the same settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.baselines import BASELINES
+from common.config import (
+    STRATEGIES,
+    RunConfig,
+    parse_run_config,
+    resolve_centres,
+    training_centres,
+)
+from common.data import CentreSpec
+from common.train import resolve_device
+
+REFERENCE = ("pooled", "ce")  # pooled ERM with cross-entropy: the row every method is compared to
+SELECTION = ("checkpoint: the round with the best validation macro-F1 of the training centres "
+             "(sites' validation splits; a local model its own centre's), never the held-out "
+             "centre's labels; hyper-parameters: the command's recipe, fixed before the sweep")
+FEDBN_NOTE = ("FedBN keeps BatchNorm at the sites: its plain rows use the averaged weights with "
+              "the initial BatchNorm, its BN-adapted rows are the meaningful ones.")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the sweep."""
+
+    held_out: str
+    method: str
+    loss: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.held_out}-{self.method}-{self.loss}-s{self.seed}"
+
+
+def plan(held_out: list[str], methods: list[str], losses: list[str], seeds: int) -> list[Run]:
+    """Every run, held-out centre by held-out centre, pooled cross-entropy always included."""
+    combos = [(m, loss) for m in methods for loss in losses]
+    if REFERENCE not in combos:
+        combos.insert(0, REFERENCE)
+    return [Run(h, m, loss, s) for h in held_out for m, loss in combos for s in range(seeds)]
+
+
+def run_overrides(run: Run, recipe: dict[str, Any], reference: dict[str, Any],
+                  out: Path) -> dict[str, Any]:
+    """The run config of one run: the sweep's recipe (with the ``reference`` overrides for the
+    pooled cross-entropy reference) plus what identifies the run."""
+    if (run.method, run.loss) == REFERENCE:
+        recipe = {**recipe, **reference}
+    strategy = run.method if run.method in STRATEGIES else recipe.get("strategy", "fedavg")
+    return {**recipe, "held-out": run.held_out, "strategy": strategy, "loss": run.loss,
+            "seed": run.seed, "run-name": run.name, "output-dir": str(out / "runs")}
+
+
+def run_federated(overrides: dict[str, Any], supernodes: int) -> list[Path]:
+    """One federated run on Flower's simulation engine; returns its report.json."""
+    from flwr.simulation import run_simulation
+
+    from client.app import build_client_app
+    from server.app import build_server_app
+
+    config = parse_run_config(overrides)
+    cpus = os.cpu_count() or 1
+    gpus = int(resolve_device(config.device).type == "cuda")  # shared by the sites
+    backend = {"init_args": {"num_cpus": cpus, "num_gpus": gpus, "include_dashboard": False},
+               "client_resources": {"num_cpus": max(1, cpus // supernodes),
+                                    "num_gpus": gpus / supernodes}}
+    run_simulation(build_server_app(overrides), build_client_app(overrides),
+                   num_supernodes=supernodes, backend_config=backend)
+    reports = [p for p in Path(config.output_dir).glob(f"*-{config.run_name}*/report.json")
+               if json.loads(p.read_text())["config"] == config.to_dict()]
+    if not reports:
+        raise RuntimeError(f"federated run {config.run_name} wrote no report")
+    report = max(reports, key=lambda p: p.stat().st_mtime)
+    if any(r["replied"] == 0 for r in json.loads(report.read_text())["rounds"]):
+        raise RuntimeError(f"federated run {config.run_name}: no site answered in some round "
+                           f"(see the log and {report})")
+    return [report]
+
+
+def run_baseline(method: str, overrides: dict[str, Any]) -> list[Path]:
+    """A centralised baseline; one report.json per trained model under ``runs/<name>[-<c>]/``."""
+    config = parse_run_config(overrides)
+    paths = []
+    for report in BASELINES[method](config):
+        suffix = f"-{report['training_centres'][0]}" if method == "local" else ""
+        path = Path(config.output_dir) / f"{config.run_name}{suffix}" / "report.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**report, "method": method}, indent=2))
+        paths.append(path)
+    return paths
+
+
+def execute(run: Run, overrides: dict[str, Any], supernodes: int, out: Path) -> list[Path]:
+    """The reports of ``run``: reused from an earlier sweep with the same config, else trained."""
+    record = out / "runs" / f"{run.name}.json"
+    if record.is_file():
+        previous = json.loads(record.read_text())
+        if previous["overrides"] == overrides and all(map(os.path.isfile, previous["reports"])):
+            return [Path(p) for p in previous["reports"]]
+    if run.method in BASELINES:
+        reports = run_baseline(run.method, overrides)
+    else:
+        reports = run_federated(overrides, supernodes)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"overrides": overrides, "reports": [str(p) for p in reports]}))
+    return reports
+
+
+def selected_results(run: Run, reports: list[Path]) -> dict[str, dict]:
+    """Method label -> {"held_out", "held_out_bn_adapted"} at the selected round.
+
+    A local baseline gives one label per training centre and ``local``, their mean.
+    """
+    bests = {p: json.loads(p.read_text()) for p in reports}
+    if run.method != "local":
+        return {run.method: next(iter(bests.values()))["best"]}
+    per_centre = {f"local:{r['training_centres'][0]}": r["best"] for r in bests.values()}
+    mean = {key: _mean_metrics([b[key] for b in per_centre.values()])
+            for key in ("held_out", "held_out_bn_adapted")}
+    return {"local": mean, **per_centre}
+
+
+def _mean_metrics(results: list[dict | None]) -> dict | None:
+    """Mean macro-F1, balanced accuracy and per-class F1 of several results (None if any is)."""
+    if not results or any(r is None for r in results):
+        return None
+    return {"macro_f1": float(np.mean([r["macro_f1"] for r in results])),
+            "balanced_accuracy": float(np.mean([r["balanced_accuracy"] for r in results])),
+            "per_class_f1": _mean_per_class([r["per_class_f1"] for r in results])}
+
+
+def _mean_per_class(per_class: list[dict[str, float | None]]) -> dict[str, float | None]:
+    classes = per_class[0]
+    return {c: (float(np.mean(values)) if (values := [p[c] for p in per_class
+                                                      if p[c] is not None]) else None)
+            for c in classes}
+
+
+def _std(values: list[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def summarise(results: list[tuple[Run, dict[str, dict], list[Path]]]) -> list[dict]:
+    """loco.json rows: one per held-out centre x method label x loss, aggregated over seeds."""
+    groups: dict[tuple[str, str, str], list[tuple[dict, list[Path]]]] = {}
+    for run, labelled, reports in results:
+        for label, result in labelled.items():
+            groups.setdefault((run.held_out, label, run.loss), []).append((result, reports))
+    rows = []
+    for (held_out, method, loss), members in groups.items():
+        plain = [m["held_out"] for m, _ in members]
+        adapted = [m["held_out_bn_adapted"] for m, _ in members]
+        f1 = [r["macro_f1"] for r in plain]
+        rows.append({
+            "held_out": held_out, "method": method, "loss": loss,
+            "macro_f1_mean": float(np.mean(f1)), "macro_f1_std": _std(f1),
+            "balanced_accuracy_mean": float(np.mean([r["balanced_accuracy"] for r in plain])),
+            "per_class_f1": _mean_per_class([r["per_class_f1"] for r in plain]),
+            "bn_adapted_macro_f1_mean": (float(np.mean([r["macro_f1"] for r in adapted]))
+                                         if all(adapted) else None),
+            "seeds": len(members),
+            "run_dirs": sorted({str(p.parent) for _, paths in members for p in paths}),
+        })
+    return rows
+
+
+def machine() -> str:
+    """The GPU's name, or the CPU's model and core count."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name(0)}"
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in
+              (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+              if line.startswith("model name")]
+    return f"CPU {models[0] if models else platform.processor()}, {os.cpu_count()} cores"
+
+
+def shell_join(argv: list[str]) -> str:
+    """``argv`` as a shell command line; arguments holding single quotes (run-config strings)
+    are double-quoted when that is safe, which reads better than shlex's escapes."""
+    return " ".join(f'"{a}"' if "'" in a and not set(a) & set('"$`\\!') else shlex.quote(a)
+                    for a in argv)
+
+
+def _points(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def render_markdown(header: dict, rows: list[dict]) -> str:
+    """loco.md: the recipe, one table per held-out centre and the mean over centres."""
+    lines = ["# Leave-one-centre-out benchmark", "",
+             f"- command: `{header['command']}`", f"- machine: {header['machine']}",
+             f"- date: {header['date']}", f"- selection: {header['selection']}",
+             f"- recipe: `{json.dumps(header['recipe'], sort_keys=True)}`",
+             "- pooled CE reference: " + (f"the recipe with `{json.dumps(header['reference'])}`"
+                                          if header["reference"] else "the same recipe"), "",
+             "Macro-F1, balanced accuracy and per-class F1 on the held-out centre, in points "
+             "(mean ± std over seeds). BN-adapted: after test-time BatchNorm adaptation on the "
+             "held-out centre's unlabelled images, reported apart from the plain results."]
+    if any(r["method"] == "fedbn" for r in rows):
+        lines += ["", FEDBN_NOTE]
+    classes = list(rows[0]["per_class_f1"]) if rows else []
+    for held_out in dict.fromkeys(r["held_out"] for r in rows):
+        lines += ["", f"## Held-out centre: {held_out}", "",
+                  "| method | loss | macro-F1 | BN-adapted macro-F1 | balanced acc. | "
+                  + " | ".join(f"F1 {c}" for c in classes) + " | seeds |",
+                  "|---|---|---|---|---|" + "---|" * len(classes) + "---|"]
+        for r in (r for r in rows if r["held_out"] == held_out):
+            lines.append(
+                f"| {r['method']} | {r['loss']} | {_points(r['macro_f1_mean'])} ± "
+                f"{_points(r['macro_f1_std'])} | {_points(r['bn_adapted_macro_f1_mean'])} | "
+                f"{_points(r['balanced_accuracy_mean'])} | "
+                + " | ".join(_points(r["per_class_f1"][c]) for c in classes)
+                + f" | {r['seeds']} |")
+    lines += ["", "## Mean over held-out centres", "",
+              "| method | loss | macro-F1 | vs pooled CE | lowest centre | BN-adapted macro-F1 |",
+              "|---|---|---|---|---|---|"]
+    reference = _mean_over_centres(rows, *REFERENCE, "macro_f1_mean")
+    centres = {r["held_out"] for r in rows}
+    pairs = [(m, loss) for m, loss in dict.fromkeys((r["method"], r["loss"]) for r in rows)
+             if {r["held_out"] for r in rows if (r["method"], r["loss"]) == (m, loss)} == centres]
+    for method, loss in pairs:  # one local model per centre exists for only some held-out ones
+        mean = _mean_over_centres(rows, method, loss, "macro_f1_mean")
+        adapted = _mean_over_centres(rows, method, loss, "bn_adapted_macro_f1_mean")
+        lowest = min(r["macro_f1_mean"] for r in rows
+                     if (r["method"], r["loss"]) == (method, loss))
+        gain = f"{100 * (mean - reference):+.1f}" if reference is not None else "n/a"
+        lines.append(f"| {method} | {loss} | {_points(mean)} | {gain} | {_points(lowest)} | "
+                     f"{_points(adapted)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _mean_over_centres(rows: list[dict], method: str, loss: str, key: str) -> float | None:
+    values = [r[key] for r in rows if (r["method"], r["loss"]) == (method, loss)]
+    return float(np.mean(values)) if values and all(v is not None for v in values) else None
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """The run-config keys every run shares: --run-config first, explicit flags over it."""
+    given = _parse_overrides(args.run_config)
+    cache = Path(given.get("cache-dir", RunConfig.cache_dir)).resolve()  # simulation workers
+    return {**given, "cache-dir": str(cache),  # may start elsewhere than this process
+            "data-source": str(Path(args.centres).resolve()), "model": args.model,
+            "image-size": args.image_size, "num-server-rounds": args.rounds,
+            "local-epochs": args.local_epochs, "device": args.device}
+
+
+def _parse_overrides(text: str) -> dict[str, Any]:
+    """Run-config overrides written as for `flwr run --run-config`."""
+    from flwr.common.config import parse_config_args
+
+    return parse_config_args([text] if text else None)
+
+
+def _held_out(args: argparse.Namespace, centres: list[CentreSpec]) -> list[str]:
+    names = [c.name for c in centres]
+    chosen = names if args.held_out == "all" else _names(args.held_out)
+    unknown = [n for n in chosen if n not in names]
+    if unknown:
+        raise ValueError(f"--held-out {unknown[0]!r} is not a centre of {args.centres}: {names}")
+    return chosen
+
+
+def write_tables(out: Path, header: dict, rows: list[dict]) -> None:
+    """``out/loco.json`` and ``out/loco.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "loco.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+    (out / "loco.md").write_text(render_markdown(header, rows))
+
+
+def run_loco(args: argparse.Namespace) -> int:
+    """Run the sweep described by ``args``; loco.json and loco.md are rewritten after each run."""
+    from common.centres import read_centres
+
+    out = Path(args.out).resolve()
+    recipe = _recipe(args)
+    methods, losses = _names(args.strategies), _names(args.losses)
+    unknown = [m for m in methods if m not in STRATEGIES and m not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; known: {', '.join(STRATEGIES)}, "
+                         f"{', '.join(BASELINES)}")
+    if args.seeds < 1:
+        raise ValueError("--seeds must be at least 1")
+    centres = read_centres(Path(args.centres))
+    runs = plan(_held_out(args, centres), methods, losses, args.seeds)
+    reference = _parse_overrides(args.reference_config)
+    overrides = {run: run_overrides(run, recipe, reference, out) for run in runs}
+    for config in map(parse_run_config, overrides.values()):  # every config checked up front
+        resolve_centres(config)
+    header = {"command": shell_join(["cytofed", *sys.argv[1:]]), "machine": machine(),
+              "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "selection": SELECTION,
+              "recipe": recipe, "reference": reference}
+    results = []
+    for index, run in enumerate(runs, start=1):
+        started = time.perf_counter()
+        reports = execute(run, overrides[run], len(training_centres(
+            parse_run_config(overrides[run]), centres)), out)
+        labelled = selected_results(run, reports)
+        results.append((run, labelled, reports))
+        write_tables(out, header, summarise(results))
+        result = labelled[run.method]
+        adapted = result["held_out_bn_adapted"]
+        print(f"[loco] {index}/{len(runs)} {run.name}: held-out macro-F1 "
+              f"{result['held_out']['macro_f1']:.3f}"
+              + (f", BN-adapted {adapted['macro_f1']:.3f}" if adapted else "")
+              + f" ({time.perf_counter() - started:.0f}s)", flush=True)
+    from server.comparison import render_comparison
+
+    html = render_comparison(summarise(results), out)
+    print(f"[loco] tables: {out / 'loco.md'}, {out / 'loco.json'}, {html}", flush=True)
+    return 0
+
+
+def register_loco_command(parser: argparse.ArgumentParser) -> None:
+    """Add the ``cytofed loco`` arguments."""
+    parser.description = ("Leave-one-centre-out benchmark: every centre held out in turn; "
+                          "writes OUT/loco.json, OUT/loco.md and OUT/comparison.html.")
+    parser.add_argument("--centres", required=True, help="centres TOML file ([[centre]] list)")
+    parser.add_argument("--held-out", default="all", help="'all' or comma-separated centres")
+    parser.add_argument("--strategies", default="fedavg",
+                        help=f"comma-separated methods: {', '.join(STRATEGIES)}, "
+                             f"{', '.join(BASELINES)}")
+    parser.add_argument("--losses", default="ce", help="comma-separated losses")
+    parser.add_argument("--model", default="resnet10t", help="timm backbone")
+    parser.add_argument("--image-size", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=10, help="federated rounds")
+    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..K-1 per configuration")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--run-config", default="",
+                        help="further run-config overrides shared by every run, as for "
+                             "`flwr run --run-config`, e.g. \"pretrained='imagenet'\"")
+    parser.add_argument("--reference-config", default="",
+                        help="overrides for the pooled cross-entropy reference only, e.g. "
+                             "plain ERM: \"field-of-view='full' augment='basic'\"")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.set_defaults(func=run_loco)

@@ -1,0 +1,48 @@
+"""`cytofed loco` end to end on Flower's simulation engine (tiny synthetic centres)."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import BIN, ROOT
+
+pytestmark = pytest.mark.integration
+
+CENTRES = "".join(f'[[centre]]\nname = "clinic-{c}"\nformat = "synthetic"\n\n' for c in "abc")
+
+
+def test_loco_smoke_writes_pooled_and_federated_rows(flower_env, tmp_path):
+    (tmp_path / "centres.toml").write_text(CENTRES)
+    out = tmp_path / "loco"
+    command = [str(BIN / "cytofed"), "loco", "--centres", str(tmp_path / "centres.toml"),
+               "--held-out", "clinic-a,clinic-b", "--strategies", "fedbn", "--losses", "ce",
+               "--model", "test_resnet", "--image-size", "32", "--rounds", "2",
+               "--seeds", "1", "--device", "cpu", "--out", str(out), "--run-config",
+               f"synthetic-images=40 cache-dir='{tmp_path / 'cache'}'"]
+    result = subprocess.run(command, cwd=ROOT, env=flower_env, capture_output=True, text=True,
+                            timeout=400)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert output.count("[loco] ") == 5, output[-4000:]  # 4 runs and the closing line
+
+    sweep = json.loads((out / "loco.json").read_text())
+    assert sweep["header"]["command"].startswith("cytofed loco --centres")
+    assert {"machine", "date", "selection", "recipe"} <= set(sweep["header"])
+    rows = sweep["rows"]
+    assert {(r["held_out"], r["method"], r["loss"]) for r in rows} == {
+        (c, m, "ce") for c in ("clinic-a", "clinic-b") for m in ("pooled", "fedbn")}
+    for row in rows:
+        assert set(row["per_class_f1"]) == {"neutrophil", "lymphocyte", "monocyte",
+                                            "eosinophil", "basophil"}
+        assert 0.0 <= row["macro_f1_mean"] <= 1.0 and row["seeds"] == 1
+        assert (row["bn_adapted_macro_f1_mean"] is None) == (row["method"] == "pooled")
+        for run_dir in row["run_dirs"]:
+            report = json.loads((Path(run_dir) / "report.json").read_text())
+            assert report["held_out_centre"] == row["held_out"]
+            assert row["held_out"] not in report["training_centres"]
+    markdown = (out / "loco.md").read_text()
+    assert markdown.count("## Held-out centre:") == 2
+    assert "## Mean over held-out centres" in markdown
+    assert (out / "comparison.html").is_file()

@@ -1,0 +1,100 @@
+"""Model card round trip, loading an exported model without Flower, and the uncertain threshold."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from common.metrics import confident_share, uncertainty_threshold
+from common.modelcard import CARD_FILE, ModelCard, load_exported_model, read_model_card
+from server.export import model_card
+from tests.exported_model import export_tiny_model, tiny_card
+
+
+def test_card_round_trips(tmp_path):
+    _, path = export_tiny_model(tmp_path)
+    card = read_model_card(path)
+    assert card == tiny_card()
+    assert isinstance(card.classes, tuple) and isinstance(card.preprocessing.mean, tuple)
+    assert card.held_out_metrics["per_class_f1"] == {"basophil": None}
+    assert ModelCard.from_dict(json.loads(path.read_text())) == card
+
+
+@pytest.mark.parametrize("target", ["card", "directory", "weights"])
+def test_exported_model_gives_identical_logits(tmp_path, target):
+    model, card_path = export_tiny_model(tmp_path / "run")
+    path = {"card": card_path, "directory": tmp_path / "run",
+            "weights": tmp_path / "run" / "best.safetensors"}[target]
+    loaded, card = load_exported_model(path)
+    inputs = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(inputs), model(inputs))
+    assert card.classes == tiny_card().classes and not loaded.training
+
+
+def test_foreign_or_mismatched_cards_are_refused(tmp_path):
+    (tmp_path / CARD_FILE).write_text(json.dumps({"classes": ["a"]}))
+    with pytest.raises(ValueError, match="not a cytofed model card"):
+        read_model_card(tmp_path / CARD_FILE)
+    card = tiny_card()
+    stale = {**card.to_dict(), "preprocessing": {**card.to_dict()["preprocessing"],
+                                                 "decoder_version": 0}}
+    export_tiny_model(tmp_path / "stale")
+    (tmp_path / "stale" / CARD_FILE).write_text(json.dumps(stale))
+    with pytest.raises(ValueError, match="image decoder v0"):
+        load_exported_model(tmp_path / "stale")
+
+
+def test_threshold_is_the_smallest_edge_meeting_the_target_error():
+    correct, wrong = [0, 2, 3, 10], [0, 2, 1, 0]  # 4 bins: [0, .25), [.25, .5), ...
+    assert uncertainty_threshold(correct, wrong, 0.05) == pytest.approx(
+        {"threshold": 0.75, "target_error": 0.05, "coverage": 10 / 18, "error_rate": 0.0})
+    assert uncertainty_threshold(correct, wrong, 0.1)["threshold"] == 0.5
+    assert uncertainty_threshold(correct, wrong, 0.2)["threshold"] == 0.0
+    never = uncertainty_threshold([0, 0, 0, 1], [0, 0, 0, 1])
+    assert never["threshold"] == 1.0 and never["coverage"] == 0 and never["error_rate"] is None
+
+
+def test_example_weighted_shares_equal_pooled_counts():
+    """Sites send shares of their validation images; Flower's example-weighted average of
+    them is the pooled histogram, so the threshold is the one of the pooled counts."""
+    sites = [(np.array([0, 5, 9, 30]), np.array([1, 4, 2, 1])),
+             (np.array([0, 1, 2, 50]), np.array([0, 3, 1, 0]))]
+    sizes = [c.sum() + w.sum() for c, w in sites]
+    weights = np.array(sizes) / sum(sizes)
+    shares = [sum(wt * part / n for wt, n, part in zip(weights, sizes, parts, strict=True))
+              for parts in zip(*sites, strict=True)]
+    pooled = [sum(parts) for parts in zip(*sites, strict=True)]
+    assert uncertainty_threshold(*shares) == pytest.approx(uncertainty_threshold(*pooled))
+    assert confident_share(*shares, 0.5) == pytest.approx(confident_share(*pooled, 0.5))
+
+
+def _round(number, validation, held_out, adapted=None):
+    return {"round": number, "validation": validation, "held_out": held_out,
+            "held_out_bn_adapted": adapted}
+
+
+def test_run_export_card_uses_best_round_and_sites_validation():
+    held_out = {"macro_f1": 0.4, "balanced_accuracy": 0.5, "accuracy": 0.6, "ece": 0.1,
+                "num_examples": 10, "per_class_f1": {"neutrophil": 0.4}, "loss": 1.0}
+    adapted = {**held_out, "macro_f1": 0.7}
+    validation = {"val_macro_f1": 0.8, "val_correct_by_confidence": [0.0, 0.2, 0.7],
+                  "val_wrong_by_confidence": [0.0, 0.1, 0.0]}
+    report = {
+        "config": {"model": "test_resnet", "norm": "group", "image-size": 32,
+                   "field-of-view": "cell", "strategy": "fedbn", "loss": "focal",
+                   "num-server-rounds": 2},
+        "classes": ["neutrophil"], "training_centres": ["a", "b"], "held_out_centre": "c",
+        "rounds": [_round(1, {"val_macro_f1": 0.1}, held_out),
+                   _round(2, validation, held_out, adapted)],
+        "best": {"round": 2, "selected_by": "sites' validation macro-F1"},
+    }
+    card = model_card(report, "wbc5")
+    assert card.threshold == pytest.approx(2 / 3)
+    assert card.uncertainty["coverage"] == pytest.approx(0.7 / 1.0)
+    assert card.adapt_batchnorm and card.held_out_metrics["macro_f1"] == 0.7
+    assert "loss" not in card.held_out_metrics
+    assert (card.backbone, card.norm, card.preprocessing.field_of_view) == (
+        "test_resnet", "group", "cell")
+    assert card.training["round"] == 2 and card.training_centres == ("a", "b")

@@ -1,0 +1,227 @@
+"""Strategies on real Flower messages and client mods: update validation before aggregation,
+dropped sites, and central differential privacy (client-side clipping, noised equal-weight
+averages, epsilon)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.faults import fault_injection_mod
+from client.privacy import dp_clipping_mod
+from common.config import ConfigError, RunConfig
+from common.weights import to_wire
+from server.federation import _failures
+from server.privacy import privacy_summary, private_updates
+from server.strategies import (
+    NORM_OUTLIER_FACTOR,
+    ValidatedUpdates,
+    create_strategy,
+    record_to_state,
+    state_to_record,
+)
+
+GLOBAL = {"conv.weight": np.zeros((2, 3), np.float32), "fc.bias": np.zeros(4, np.float32)}
+
+
+class FakeGrid:
+    """The part of Flower's Grid a strategy samples nodes from."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+@pytest.fixture(autouse=True)
+def server_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages are created as by a ServerApp task of run 1."""
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def shifted(value: float, state: dict[str, np.ndarray] = GLOBAL) -> dict[str, np.ndarray]:
+    return {key: array + np.float32(value) for key, array in state.items()}
+
+
+def reply(message: Message, state: dict[str, np.ndarray] | None, examples: int = 10) -> Message:
+    """A site's training reply: its weights, or an error when ``state`` is None."""
+    if state is None:
+        return Message(error=Error(code=0, reason="site crashed"), reply_to=message)
+    content = RecordDict({"arrays": state_to_record(state), "metrics": MetricRecord(
+        {"num-examples": examples, "train_loss": 1.0})})
+    return Message(content=content, reply_to=message)
+
+
+def train_round(strategy: ValidatedUpdates, updates: dict[int, dict | None],
+                ) -> tuple[dict[str, np.ndarray] | None, list[Message]]:
+    """One round of ``strategy`` in which node ``n`` answers with ``updates[n]``."""
+    messages = list(strategy.configure_train(1, state_to_record(GLOBAL), ConfigRecord(),
+                                             FakeGrid(list(updates))))
+    replies = [reply(m, updates[m.metadata.dst_node_id]) for m in messages]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return (record_to_state(arrays) if arrays is not None else None), replies
+
+
+def rejected_nodes(strategy: ValidatedUpdates) -> dict[int, str]:
+    return {item["node_id"]: item["reason"] for item in strategy.rejected}
+
+
+def test_nan_inf_wrong_keys_and_shapes_are_rejected_and_the_rest_averaged():
+    strategy = create_strategy(RunConfig(min_train_nodes=2), set())
+    wrong_shape = {**shifted(1.0), "fc.bias": np.zeros(5, np.float32)}
+    infinite = shifted(1.0)
+    infinite["fc.bias"][0] = np.inf
+    aggregated, _ = train_round(strategy, {
+        1: shifted(1.0), 2: shifted(3.0), 3: {**shifted(1.0), "extra": np.ones(1, np.float32)},
+        4: wrong_shape, 5: infinite, 6: {"conv.weight": GLOBAL["conv.weight"]}})
+    reasons = rejected_nodes(strategy)
+    assert sorted(reasons) == [3, 4, 5, 6]
+    assert "unknown ['extra']" in reasons[3] and "missing ['fc.bias']" in reasons[6]
+    assert reasons[4] == "fc.bias has shape (5,), expected (4,)"
+    assert reasons[5] == "fc.bias contains NaN or Inf"
+    for key, array in aggregated.items():
+        np.testing.assert_allclose(array, GLOBAL[key] + 2.0)
+
+
+def test_update_far_above_the_round_median_norm_is_rejected():
+    strategy = create_strategy(RunConfig(strategy="fedmedian"), set())
+    aggregated, _ = train_round(strategy, {1: shifted(1.0), 2: shifted(1.2), 3: shifted(0.9),
+                                           4: shifted(1.0 * NORM_OUTLIER_FACTOR * 1.5)})
+    assert list(rejected_nodes(strategy)) == [4]
+    assert "more than 10x the round median" in rejected_nodes(strategy)[4]
+    np.testing.assert_allclose(aggregated["fc.bias"], 1.0)  # median of 1.0, 1.2, 0.9
+
+
+def test_bf16_updates_are_decoded_before_validation():
+    strategy = create_strategy(RunConfig(wire_precision="bf16"), set())
+    aggregated, _ = train_round(strategy, {1: to_wire(shifted(1.0), "bf16"),
+                                           2: to_wire(shifted(2.0), "bf16")})
+    assert strategy.rejected == []
+    np.testing.assert_allclose(aggregated["conv.weight"], 1.5)
+
+
+def test_error_replies_are_left_out_and_the_round_still_aggregates():
+    strategy = create_strategy(RunConfig(), set())
+    aggregated, replies = train_round(strategy, {1: shifted(1.0), 2: shifted(2.0), 3: None})
+    assert sum(r.has_error() for r in replies) == 1 and strategy.rejected == []
+    np.testing.assert_allclose(aggregated["fc.bias"], 1.5)
+
+
+def test_a_site_injected_with_nan_weights_is_rejected_and_the_model_stays_finite():
+    strategy = create_strategy(RunConfig(), set())
+    messages = list(strategy.configure_train(1, state_to_record(GLOBAL), ConfigRecord(),
+                                             FakeGrid([1, 2, 3])))
+
+    def site_reply(message: Message, fault: dict) -> Message:
+        context = Context(run_id=1, node_id=message.metadata.dst_node_id, node_config=fault,
+                          state=RecordDict(), run_config={})
+        return fault_injection_mod(message, context, lambda m, c: reply(m, shifted(1.0)))
+
+    replies = [site_reply(m, {"fault": "nan-weights"} if m.metadata.dst_node_id == 3 else {})
+               for m in messages]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert rejected_nodes(strategy) == {3: "conv.weight contains NaN or Inf"}
+    assert all(np.all(np.isfinite(a)) for a in record_to_state(arrays).values())
+    with pytest.raises(ValueError, match="the only fault is 'nan-weights'"):
+        site_reply(messages[0], {"fault": "slow"})
+
+
+def test_dropouts_are_attributed_to_the_node_even_when_the_superlink_answers_for_it():
+    strategy = create_strategy(RunConfig(), set())
+    messages = list(strategy.configure_train(1, state_to_record(GLOBAL), ConfigRecord(),
+                                             FakeGrid([1, 2, 3])))
+    for message in messages:  # as Grid.push_messages does
+        message.metadata.__dict__["_message_id"] = message.object_id
+    offline = create_message_error_unavailable_res_message(messages[1].metadata,
+                                                          "node_unavail")
+    assert offline.metadata.src_node_id == SUPERLINK_NODE_ID
+    replies = [reply(messages[0], shifted(1.0)), offline]
+    assert _failures(messages, replies) == [
+        {"node_id": messages[1].metadata.dst_node_id, "reason": offline.error.reason},
+        {"node_id": messages[2].metadata.dst_node_id,
+         "reason": "no reply before the round timeout"}]
+
+
+def gaussian_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
+    """Epsilon of ``rounds`` Gaussian mechanisms: RDP alpha*T/(2 z^2), converted with the
+    bound of Canonne, Kamath & Steinke (2020), minimised over a fine grid of orders."""
+    alpha = np.linspace(1.001, 256, 1_000_000)
+    rdp = rounds * alpha / (2 * noise_multiplier**2)
+    return float(np.min(rdp + np.log((alpha - 1) / alpha)
+                        - (np.log(delta) + np.log(alpha)) / (alpha - 1)))
+
+
+def private(config: RunConfig, sites: int = 3):
+    return private_updates(create_strategy(config, set()), config, sites)
+
+
+def test_epsilon_matches_the_gaussian_mechanism_composed_over_rounds():
+    # Known value: one release at noise multiplier 1 costs epsilon 4.73 at delta 1e-5.
+    assert gaussian_epsilon(1.0, 1, 1e-5) == pytest.approx(4.7284, abs=1e-3)
+    strategy = private(RunConfig(dp_noise_multiplier=2.0))
+    for _ in range(10):
+        strategy.account(2.0)
+    spent = strategy.round_privacy()
+    assert spent["releases"] == 10 and spent["delta"] == 1e-5
+    assert spent["epsilon"] == pytest.approx(gaussian_epsilon(2.0, 10, 1e-5), rel=1e-3)
+
+
+def test_noised_average_weighs_sites_equally_and_accounts_for_rejected_updates():
+    np.random.seed(0)
+    strategy = private(RunConfig(dp_noise_multiplier=1e-6, dp_clipping_norm=100.0))
+    messages = list(strategy.configure_train(1, state_to_record(GLOBAL), ConfigRecord(),
+                                             FakeGrid([1, 2, 3])))
+    assert all(m.content["config"][KEY_CLIPPING_NORM] == 100.0 for m in messages)
+    nan = shifted(np.nan)
+    replies = [reply(messages[0], shifted(1.0), examples=10),
+               reply(messages[1], shifted(4.0), examples=1000),
+               reply(messages[2], nan)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert [r["node_id"] for r in strategy.rejected] == [messages[2].metadata.dst_node_id]
+    np.testing.assert_allclose(record_to_state(arrays)["fc.bias"], 2.5, atol=1e-3)
+    assert strategy.round_privacy()["released_noise_multiplier"] == pytest.approx(1e-6 * 2 / 3)
+
+
+def test_resumed_run_restores_the_privacy_spent():
+    config = RunConfig(dp_noise_multiplier=1.5)
+    first = private(config)
+    rounds = []
+    for number in (1, 2):
+        first.account(1.5)
+        rounds.append({"round": number, "privacy": first.round_privacy()})
+    resumed = private(config)
+    resumed.restore(rounds)
+    assert resumed.round_privacy()["epsilon"] == pytest.approx(rounds[-1]["privacy"]["epsilon"])
+    assert privacy_summary(config, rounds)["epsilon"] == rounds[-1]["privacy"]["epsilon"]
+    assert privacy_summary(RunConfig(), rounds) is None
+
+
+@pytest.mark.parametrize("config", [RunConfig(dp_noise_multiplier=1.0, strategy="fedmedian"),
+                                    RunConfig(dp_noise_multiplier=1.0, wire_precision="bf16")])
+def test_incompatible_settings_are_refused_naming_the_field(config):
+    with pytest.raises(ConfigError, match="run config field 'dp-noise-multiplier'"):
+        private(config)
+    assert private(RunConfig()) is None
+
+
+def test_sites_clip_their_update_only_when_the_server_asks():
+    messages = list(create_strategy(RunConfig(min_train_nodes=1), set()).configure_train(
+        1, state_to_record(GLOBAL), ConfigRecord(), FakeGrid([1])))
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+    def train(message: Message, _: Context) -> Message:
+        return reply(message, shifted(10.0))
+
+    plain = dp_clipping_mod(messages[0], context, train)
+    np.testing.assert_allclose(record_to_state(plain.content["arrays"])["fc.bias"], 10.0)
+    messages[0].content["config"][KEY_CLIPPING_NORM] = 1.0
+    clipped = record_to_state(dp_clipping_mod(messages[0], context, train).content["arrays"])
+    norm = np.sqrt(sum(np.sum((clipped[k] - GLOBAL[k]) ** 2) for k in GLOBAL))
+    assert norm == pytest.approx(1.0, rel=1e-5)
