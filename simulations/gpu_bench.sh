@@ -24,16 +24,8 @@ PYTHON=${PYTHON:-python3}
 DEPS=gpu_bundle/deps
 BUNDLE=gpu_bundle/data/centres.toml
 
-if ! "$PYTHON" -c "import flwr, ray" 2>/dev/null; then
-  # The wheels and steps of `gpu_loco.sh run`.
-  ray=/tmp/ray-2.55.1-cp312-cp312-manylinux2014_x86_64.whl
-  cat "$DEPS"-a/ray.whl.part-* "$DEPS"-b/ray.whl.part-* > "$ray"
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-    "$DEPS"-a/*.whl "$ray"
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-export CYTOFED_CACHE_DIR=/tmp/cytofed-cache
+# shellcheck source=simulations/gpu_env.sh
+source simulations/gpu_env.sh
 data=()
 [[ -f $BUNDLE ]] && data=(--data-source "$BUNDLE" --centre barcelona)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/bench.log"

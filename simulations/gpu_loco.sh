@@ -61,15 +61,8 @@ deps)
   ;;
 run)
   : "${OUT:?OUT must name the folder for the results}"
-  if ! "$PYTHON" -c "import flwr, ray" 2>/dev/null; then
-    ray=/tmp/ray-2.55.1-cp312-cp312-manylinux2014_x86_64.whl
-    cat "$DEPS"-a/ray.whl.part-* "$DEPS"-b/ray.whl.part-* > "$ray"
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-      "$DEPS"-a/*.whl "$ray"
-    export PYTHONPATH=/tmp/site
-  fi
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-  export CYTOFED_CACHE_DIR=/tmp/cytofed-cache
+  # shellcheck source=simulations/gpu_env.sh
+  source simulations/gpu_env.sh
   "$PYTHON" -m simulations.bundle install --bundle "$DATA" --image-size "$SIZE" \
     --cache-dir "$CYTOFED_CACHE_DIR"
   "$PYTHON" -m simulations.cli loco --centres "$DATA/centres.toml" \
