@@ -51,11 +51,11 @@ def shifted(value: float, state: dict[str, np.ndarray] = GLOBAL) -> dict[str, np
 
 
 def reply(message: Message, state: dict[str, np.ndarray] | None, examples: int = 10) -> Message:
-    """A site's training reply: its weights, or an error when ``state`` is None."""
+    """A site's training reply as the ClientApp builds it, or an error when ``state`` is None."""
     if state is None:
         return Message(error=Error(code=0, reason="site crashed"), reply_to=message)
     content = RecordDict({"arrays": state_to_record(state), "metrics": MetricRecord(
-        {"num-examples": examples, "train_loss": 1.0})})
+        {"num-examples": examples, "train_loss": 1.0}), "site": ConfigRecord({"centre": "lab"})})
     return Message(content=content, reply_to=message)
 
 

@@ -89,15 +89,14 @@ def flwr_run_command(run_config: dict, supernodes: int = 3,
             "--run-config", overrides]
 
 
-def flwr_run(env: dict, run_config: dict, supernodes: int = 3, timeout: float = 900,
-             superlink: str | None = None) -> str:
-    """`flwr run` (see :func:`flwr_run_command`); returns its combined output.
+def flwr_run(env: dict, run_config: dict, supernodes: int, timeout: float = 900) -> str:
+    """`flwr run . --stream` on a local simulation; returns its combined output.
 
     `flwr run` exits 0 once the log stream ends, even when the run failed: callers assert
     on the output.
     """
-    result = subprocess.run(flwr_run_command(run_config, supernodes, superlink), cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(flwr_run_command(run_config, supernodes), cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=timeout)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     return output
