@@ -19,20 +19,26 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with every registered sub-command."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only ``command``'s module is imported and its arguments added.
+
+    Every other sub-command gets an empty parser, so that ``--help`` still lists them all
+    without importing torch for each one.
+    """
     parser = argparse.ArgumentParser(prog="cytofed", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, target in COMMANDS.items():
-        module_name, function_name = target.split(":")
-        register = getattr(importlib.import_module(module_name), function_name)
-        register(subparsers.add_parser(name))
+        subparser = subparsers.add_parser(name)
+        if name == command:
+            module_name, function_name = target.split(":")
+            getattr(importlib.import_module(module_name), function_name)(subparser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one sub-command; errors in user input exit with status 2 and a one-line message."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as error:
