@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from client.faults import fault_injection_mod
 from client.privacy import dp_clipping_mod
 from client.site import Site, open_site
-from common.pipeline import fit, new_model, score
+from common.pipeline import fit, score
 
 # Clipping for differential privacy wraps everything, a test-only injected fault included.
 MODS = (dp_clipping_mod, fault_injection_mod)
@@ -32,13 +32,13 @@ def train(msg: Message, context: Context) -> Message:
     site = open_site(context)
     config = site.config
     train_config = msg.content["config"]
-    model = new_model(config, len(site.classes))
+    model = site.model
     site.restore_local_state(model, msg.content["arrays"], context)
     counts = _class_counts(train_config, site)
     server_round = int(train_config["server-round"])
     metrics = fit(model, site.train, config, counts,
                   progress=server_round / config.num_server_rounds,
-                  seed=config.seed * 1000 + server_round)
+                  seed=config.seed * 1000 + server_round, images=site.device_images["train"])
     site.keep_local_state(model, context)
     arrays = site.outgoing_arrays(model)
     reply = RecordDict({
@@ -59,10 +59,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     so the server's example-weighted average is the pooled histogram of all sites.
     """
     site = open_site(context)
-    model = new_model(site.config, len(site.classes))
-    site.restore_local_state(model, msg.content["arrays"], context)
+    site.restore_local_state(site.model, msg.content["arrays"], context)
     started = time.perf_counter()
-    metrics = score(model, site.val, site.config)
+    metrics = score(site.model, site.val, site.config, images=site.device_images["val"])
     seconds = time.perf_counter() - started
     histogram = metrics["confidence_histogram"]
     reply = MetricRecord({"val_loss": metrics["loss"], "val_macro_f1": metrics["macro_f1"],

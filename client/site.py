@@ -1,25 +1,36 @@
-"""What only a site knows: which centre it is, its splits and, under FedBN, its own BatchNorm."""
+"""What only a site knows: which centre it is, its splits and, under FedBN, its own BatchNorm.
+
+A site process keeps its :class:`Site` between messages (one per run config and node): the
+splits, their images on the training device and one model, which every message reloads from
+the global weights. Building the model and uploading the images once, not twice per round,
+is most of what a round costs a site besides its compute.
+"""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from flwr.app import Array, ArrayRecord, Context
 from torch import nn
 
 from common.config import RunConfig, parse_run_config, resolve_centres, training_centres
 from common.data import CentreData, CentreSpec
 from common.models import batchnorm_keys
-from common.pipeline import centre_splits, load_centre_data
+from common.pipeline import centre_splits, load_centre_data, new_model
+from common.train import images_on_device, resolve_device
 from common.weights import from_wire, load_state, model_state, to_wire
 
 LOCAL_STATE_KEY = "fedbn-local-state"
+# Sites one process keeps open: in simulation one worker serves every node in turn.
+SITES_PER_PROCESS = 8
 
 
 @dataclass
 class Site:
-    """One site's configuration and data splits for the current message."""
+    """One site's configuration and data splits, kept by its process between messages."""
 
     config: RunConfig
     spec: CentreSpec
@@ -29,6 +40,18 @@ class Site:
     @property
     def classes(self) -> tuple[str, ...]:
         return self.train.classes
+
+    @functools.cached_property
+    def model(self) -> nn.Module:
+        """The site's one model; each message loads the global weights into it first."""
+        return new_model(self.config, len(self.classes))
+
+    @functools.cached_property
+    def device_images(self) -> dict[str, torch.Tensor]:
+        """The train and val images, uploaded once (see ``images_on_device``)."""
+        device = resolve_device(self.config.device)
+        return {"train": images_on_device(self.train.images, device),
+                "val": images_on_device(self.val.images, device)}
 
     @property
     def keeps_batchnorm_local(self) -> bool:
@@ -77,8 +100,13 @@ def site_centre(config: RunConfig, node_config: dict) -> CentreSpec:
 
 
 def open_site(context: Context) -> Site:
-    """The site of this node for the run described by ``context``."""
-    config = parse_run_config(context.run_config)
-    spec = site_centre(config, dict(context.node_config))
+    """The site of this node for the run described by ``context`` (kept by the process)."""
+    node_config = tuple(sorted(dict(context.node_config).items()))
+    return _open_site(parse_run_config(context.run_config), node_config)
+
+
+@functools.lru_cache(maxsize=SITES_PER_PROCESS)
+def _open_site(config: RunConfig, node_config: tuple) -> Site:
+    spec = site_centre(config, dict(node_config))
     splits = centre_splits(load_centre_data(spec, config), spec.split_seed)
     return Site(config, spec, splits["train"], splits["val"])

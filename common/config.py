@@ -65,6 +65,7 @@ class RunConfig:
     dp_noise_multiplier: float = 0.0
     dp_clipping_norm: float = 1.0
     dp_delta: float = 1e-5
+    round_timeout: float = 3600.0
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration with hyphenated keys, as in pyproject.toml."""
@@ -140,6 +141,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dp_noise_multiplier": (_non_negative, "a number >= 0 (0 turns differential privacy off)"),
     "dp_clipping_norm": (_positive, "a positive number"),
     "dp_delta": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "round_timeout": (_positive, "a positive number of seconds"),
 }
 
 

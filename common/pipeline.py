@@ -59,8 +59,12 @@ def new_model(config: RunConfig, num_classes: int) -> nn.Module:
 
 
 def fit(model: nn.Module, data: CentreData, config: RunConfig, class_counts: np.ndarray,
-        progress: float, seed: int) -> dict[str, float]:
-    """Train ``model`` in place on ``data`` for ``config.local_epochs`` epochs."""
+        progress: float, seed: int, images: torch.Tensor | None = None) -> dict[str, float]:
+    """Train ``model`` in place on ``data`` for ``config.local_epochs`` epochs.
+
+    ``images``: ``data.images`` already placed by ``images_on_device`` (uploaded once by a
+    caller that trains on the same data again); placed here when None.
+    """
     device = resolve_device(config.device)
     proximal_mu = config.proximal_mu if config.strategy == "fedprox" else 0.0
     settings = TrainSettings(epochs=config.local_epochs, batch_size=config.batch_size,
@@ -69,16 +73,28 @@ def fit(model: nn.Module, data: CentreData, config: RunConfig, class_counts: np.
                              compile=config.compile)
     loss_fn = create_loss(config.loss, class_counts, progress=min(max(progress, 0.0), 1.0))
     model = prepare_model(model, device)
-    return train_local(model, images_on_device(data.images, device), data.labels, loss_fn,
+    return train_local(model, _placed(data, images, device), data.labels, loss_fn,
                        settings, build_augmenter(config.augment), device)
 
 
-def score(model: nn.Module, data: CentreData, config: RunConfig) -> dict:
-    """Held-out style metrics of ``model`` on a labelled centre (see ``classification_metrics``)."""
+def score(model: nn.Module, data: CentreData, config: RunConfig,
+          images: torch.Tensor | None = None) -> dict:
+    """Held-out style metrics of ``model`` on a labelled centre (see ``classification_metrics``);
+    ``images`` as in :func:`fit`."""
     device = resolve_device(config.device)
     model = prepare_model(model, device)
-    return evaluate_model(model, images_on_device(data.images, device), data.labels,
-                          data.classes, device)
+    return evaluate_model(model, _placed(data, images, device), data.labels, data.classes,
+                          device)
+
+
+def _placed(data: CentreData, images: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """``images`` if given (checked against ``data``), else ``data.images`` placed now."""
+    if images is None:
+        return images_on_device(data.images, device)
+    if tuple(images.shape) != data.images.shape:
+        raise ValueError(f"centre {data.name!r}: placed images have shape "
+                         f"{tuple(images.shape)}, the data {data.images.shape}")
+    return images
 
 
 def uses_test_time_bn(config: RunConfig) -> bool:
@@ -87,17 +103,19 @@ def uses_test_time_bn(config: RunConfig) -> bool:
     return config.test_time_bn or config.strategy == "fedbn"
 
 
-def score_held_out(model: nn.Module, data: CentreData, config: RunConfig) -> dict[str, dict | None]:
+def score_held_out(model: nn.Module, data: CentreData, config: RunConfig,
+                   images: torch.Tensor | None = None) -> dict[str, dict | None]:
     """Plain metrics of ``model`` on the held-out centre and, reported separately, those after
     test-time BatchNorm adaptation on the centre's unlabelled images (None when not configured
     or the model has no BatchNorm).
 
-    Returns ``{"held_out": ..., "held_out_bn_adapted": ...}``; ``model`` is left unchanged.
+    Returns ``{"held_out": ..., "held_out_bn_adapted": ...}``; ``model`` is left unchanged;
+    ``images`` as in :func:`fit`.
     """
+    device = resolve_device(config.device)
+    images = _placed(data, images, device)
     adapted = None
     if uses_test_time_bn(config) and batchnorm_keys(model):
-        device = resolve_device(config.device)
-        tuned = adapt_batchnorm(prepare_model(copy.deepcopy(model), device),
-                                images_on_device(data.images, device), device)
-        adapted = score(tuned, data, config)
-    return {"held_out": score(model, data, config), "held_out_bn_adapted": adapted}
+        tuned = adapt_batchnorm(prepare_model(copy.deepcopy(model), device), images, device)
+        adapted = score(tuned, data, config, images)
+    return {"held_out": score(model, data, config, images), "held_out_bn_adapted": adapted}

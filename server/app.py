@@ -19,10 +19,11 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunConfig, parse_run_config, resolve_centres, training_centres
 from common.models import batchnorm_keys
 from common.pipeline import load_centre_data, new_model
+from common.train import images_on_device, resolve_device
 from common.weights import model_state, save_weights
 from server.evaluation import evaluate_held_out
 from server.export import export_model
-from server.federation import RoundResult, run_rounds
+from server.federation import RoundResult, exchange, run_rounds
 from server.privacy import privacy_summary, private_updates
 from server.report import write_report
 from server.rundir import RunDirectory
@@ -57,8 +58,11 @@ def main(grid: Grid, context: Context) -> None:
         print(f"[cytofed] resuming {run.path} after round {completed}", flush=True)
     metadata = {"config": config.to_dict(), "classes": list(held_out.classes)}
 
+    held_out_images = images_on_device(held_out.images, resolve_device(config.device))
+
     def evaluate(server_round: int, arrays) -> dict[str, dict | None]:
-        return evaluate_held_out(model, record_to_state(arrays), held_out, config)
+        return evaluate_held_out(model, record_to_state(arrays), held_out, config,
+                                 held_out_images)
 
     def finish_round(result: RoundResult, arrays) -> None:
         state = record_to_state(arrays)
@@ -76,11 +80,12 @@ def main(grid: Grid, context: Context) -> None:
 
     train_config = ConfigRecord({})
     if config.class_prior == "federated":
-        counts = federated_class_counts(grid, len(held_out.classes))
+        counts = federated_class_counts(grid, len(held_out.classes), config.round_timeout)
         if counts is not None:
             train_config["federated-counts"] = counts.tolist()
     final_arrays = run_rounds(dp or strategy, grid, state_to_record(state), first_round,
-                              config.num_server_rounds, train_config, evaluate, finish_round)
+                              config.num_server_rounds, train_config, evaluate, finish_round,
+                              config.round_timeout)
     save_weights(run.path / "final.safetensors", record_to_state(final_arrays), metadata)
     report_path = finalise(run, config, held_out.classes, held_out_spec.taxonomy,
                            [c.name for c in training_centres(config, centres)], rounds)
@@ -91,12 +96,13 @@ def main(grid: Grid, context: Context) -> None:
     run.save_progress(rounds, finished=True)
 
 
-def federated_class_counts(grid: Grid, num_classes: int) -> np.ndarray | None:
+def federated_class_counts(grid: Grid, num_classes: int,
+                           timeout: float) -> np.ndarray | None:
     """Summed training class counts of all sites, or None unless every site allows sharing."""
     nodes = list(grid.get_node_ids())
-    replies = grid.send_and_receive([
+    replies = exchange(grid, [
         Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
-                message_type="query.class_counts") for node in nodes])
+                message_type="query.class_counts") for node in nodes], timeout)
     configs = [m.content["config"] for m in replies if not m.has_error()]
     if len(configs) < len(nodes) or not all(c["share-counts"] for c in configs):
         print("[cytofed] not every site shares class counts: using local priors", flush=True)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import copy
-
+import torch
 from torch import nn
 
 from common.config import RunConfig
@@ -12,13 +11,14 @@ from common.pipeline import score_held_out
 from common.weights import load_state
 
 
-def evaluate_held_out(model: nn.Module, state: dict, held_out: CentreData,
-                      config: RunConfig) -> dict[str, dict | None]:
+def evaluate_held_out(model: nn.Module, state: dict, held_out: CentreData, config: RunConfig,
+                      images: torch.Tensor | None = None) -> dict[str, dict | None]:
     """Metrics of the global weights ``state`` on every image of the held-out centre.
 
-    ``{"held_out": plain, "held_out_bn_adapted": after test-time BatchNorm adaptation or None}``
-    (see :func:`common.pipeline.score_held_out`).
+    ``state`` is loaded into ``model``, the server's evaluation model (every tensor replaced);
+    ``images`` are the centre's images placed once for the run (placed per call when None).
+    Returns ``{"held_out": plain, "held_out_bn_adapted": after test-time BatchNorm adaptation
+    or None}`` (see :func:`common.pipeline.score_held_out`).
     """
-    model = copy.deepcopy(model)
     load_state(model, state)
-    return score_held_out(model, held_out, config)
+    return score_held_out(model, held_out, config, images)

@@ -1,0 +1,84 @@
+"""The server's reply loop: every reply collected, unaccepted messages and timeouts handled."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from server import federation
+from server.federation import exchange
+
+
+@pytest.fixture(autouse=True)
+def server_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages are created as by a ServerApp task of run 1."""
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+class DelayedGrid:
+    """Replies to message i on the pull after ``delays[i]`` seconds; ``None`` in ``refused``
+    positions stands for a message the SuperLink did not accept."""
+
+    def __init__(self, delays: list[float], refused: tuple[int, ...] = ()) -> None:
+        self.delays, self.refused = delays, refused
+        self.pulls = 0
+
+    def push_messages(self, messages):
+        self.sent = list(messages)
+        self.pushed_at = time.monotonic()
+        ids = []
+        for i, message in enumerate(self.sent):
+            message.metadata.__dict__["_message_id"] = message.object_id
+            ids.append(None if i in self.refused else message.metadata.message_id)
+        self.delivered: set[int] = set()
+        return ids
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        waited = time.monotonic() - self.pushed_at
+        ready = [i for i, m in enumerate(self.sent) if m.metadata.message_id in set(message_ids)
+                 and i not in self.delivered and waited >= self.delays[i]]
+        self.delivered.update(ready)
+        return [Message(RecordDict({"config": ConfigRecord({"i": i})}), reply_to=self.sent[i])
+                for i in ready]
+
+
+def messages(count: int) -> list[Message]:
+    return [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node + 1,
+                    message_type="query.class_counts") for node in range(count)]
+
+
+def test_all_replies_are_collected_polling_at_a_share_of_the_wait(
+        monkeypatch: pytest.MonkeyPatch):
+    sleeps: list[float] = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(federation.time, "sleep", lambda s: (sleeps.append(s), real_sleep(s)))
+    grid = DelayedGrid([0.0, 0.05, 0.2])
+    started = time.monotonic()
+    replies = exchange(grid, messages(3), timeout=10)
+    elapsed = time.monotonic() - started
+    assert sorted(r.content["config"]["i"] for r in replies) == [0, 1, 2]
+    # Each pause is the floor or 1% of the time waited so far (never Flower's 0.1 s or 3 s),
+    # so the last reply is noticed within that much of its arrival.
+    low, _ = federation.POLL_BOUNDS
+    assert grid.pulls == len(sleeps) + 1 > 3
+    assert max(sleeps) <= max(low, federation.POLL_SHARE * elapsed)
+
+
+def test_a_message_the_grid_refused_is_not_waited_for():
+    grid = DelayedGrid([0.0, 0.0, 0.0], refused=(1,))
+    replies = exchange(grid, messages(3), timeout=30)
+    assert sorted(r.content["config"]["i"] for r in replies) == [0, 2]
+
+
+def test_stops_at_the_timeout_with_the_replies_so_far(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(federation, "POLL_BOUNDS", (0.005, 0.05))
+    grid = DelayedGrid([0.0, 60.0])
+    started = time.monotonic()
+    replies = exchange(grid, messages(2), timeout=0.3)
+    assert [r.content["config"]["i"] for r in replies] == [0]
+    assert 0.3 <= time.monotonic() - started < 5
