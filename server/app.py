@@ -44,17 +44,12 @@ def main(grid: Grid, context: Context) -> None:
     strategy = create_strategy(config, bn_keys)
     dp = private_updates(strategy, config, len(training_centres(config, centres)))
     run = RunDirectory.open(Path(config.output_dir), config.run_name, config.to_dict())
-    rounds = run.load_progress()
-    checkpoint = run.load_checkpoint()
+    saved, rounds, completed = run.resume()
     state = model_state(model)
-    first_round = 1
-    if checkpoint:
-        saved, completed = checkpoint
+    if saved is not None:
         state = {key: saved[key] for key in state}  # the model's order, as clipping expects
-        rounds = [r for r in rounds if r["round"] <= completed]
         if dp:
             dp.restore(rounds)
-        first_round = completed + 1
         print(f"[cytofed] resuming {run.path} after round {completed}", flush=True)
     metadata = {"config": config.to_dict(), "classes": list(held_out.classes)}
 
@@ -69,9 +64,8 @@ def main(grid: Grid, context: Context) -> None:
         if all(_validation_f1(result.to_dict()) >= _validation_f1(r) for r in rounds):
             save_weights(run.path / "best.safetensors", state,
                          {**metadata, "round": result.round})
-        run.save_checkpoint(state, result.round)
         rounds.append({**result.to_dict(), **({"privacy": dp.round_privacy()} if dp else {})})
-        run.save_progress(rounds, finished=False)
+        run.complete_round(rounds, state)
         print(f"[cytofed] round {result.round}/{config.num_server_rounds}: "
               f"train loss {result.train.get('train_loss', float('nan')):.4f}, "
               f"sites' val macro-F1 {result.validation.get('val_macro_f1', float('nan')):.3f}, "
@@ -83,7 +77,7 @@ def main(grid: Grid, context: Context) -> None:
         counts = federated_class_counts(grid, len(held_out.classes), config.round_timeout)
         if counts is not None:
             train_config["federated-counts"] = counts.tolist()
-    final_arrays = run_rounds(dp or strategy, grid, state_to_record(state), first_round,
+    final_arrays = run_rounds(dp or strategy, grid, state_to_record(state), completed + 1,
                               config.num_server_rounds, train_config, evaluate, finish_round,
                               config.round_timeout)
     save_weights(run.path / "final.safetensors", record_to_state(final_arrays), metadata)

@@ -56,23 +56,31 @@ class RunDirectory:
         return run
 
     def load_progress(self) -> list[dict]:
-        """Completed rounds so far (empty for a new run)."""
+        """Recorded rounds so far (empty for a new run)."""
         return json.loads((self.path / PROGRESS_FILE).read_text())["rounds"]
 
     def save_progress(self, rounds: list[dict], finished: bool) -> None:
         _write_json_atomically(self.path / PROGRESS_FILE, {
             "fingerprint": self.fingerprint, "finished": finished, "rounds": rounds})
 
-    def save_checkpoint(self, state: dict[str, np.ndarray], completed_round: int) -> None:
-        """Weights after ``completed_round``, written before the round is marked complete."""
+    def complete_round(self, rounds: list[dict], state: dict[str, np.ndarray]) -> None:
+        """Record ``rounds`` (the last one just finished) and the weights after it.
+
+        The metrics are written first: the round counts as complete once its checkpoint is
+        in place, so a crash between the two writes re-runs the round rather than losing its
+        metrics (:meth:`resume` ignores recorded rounds after the checkpoint's).
+        """
+        self.save_progress(rounds, finished=False)
         temporary = self.path / (CHECKPOINT_FILE + ".tmp")
-        save_weights(temporary, state, {"round": completed_round})
+        save_weights(temporary, state, {"round": rounds[-1]["round"]})
         os.replace(temporary, self.path / CHECKPOINT_FILE)
 
-    def load_checkpoint(self) -> tuple[dict[str, np.ndarray], int] | None:
-        """The last checkpoint and its round, if any."""
+    def resume(self) -> tuple[dict[str, np.ndarray] | None, list[dict], int]:
+        """The last checkpoint's weights (None for a new run), the recorded rounds up to it
+        and its round (0 for a new run)."""
         path = self.path / CHECKPOINT_FILE
         if not path.is_file():
-            return None
+            return None, [], 0
         state, metadata = load_weights(path)
-        return state, int(metadata["round"])
+        completed = int(metadata["round"])
+        return state, [r for r in self.load_progress() if r["round"] <= completed], completed

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import shlex
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -131,6 +134,30 @@ def execute(run: Run, overrides: dict[str, Any], supernodes: int, out: Path) -> 
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"overrides": overrides, "reports": [str(p) for p in reports]}))
     return reports
+
+
+def timed_execute(run: Run, overrides: dict[str, Any], supernodes: int,
+                  out: Path) -> tuple[Run, list[Path], float]:
+    """:func:`execute` and its wall time."""
+    started = time.perf_counter()
+    reports = execute(run, overrides, supernodes, out)
+    return run, reports, time.perf_counter() - started
+
+
+def executed(runs: list[Run], overrides: dict[Run, dict[str, Any]], supernodes: dict[Run, int],
+             out: Path, jobs: int) -> Iterator[tuple[Run, list[Path], float]]:
+    """Each run's reports and seconds as it finishes: one after another, or ``jobs`` at once,
+    each in its own process (a federated run starts its own Ray instance there)."""
+    if jobs == 1:
+        for run in runs:
+            yield timed_execute(run, overrides[run], supernodes[run], out)
+        return
+    context = multiprocessing.get_context("spawn")  # no forked torch or Ray state
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = [pool.submit(timed_execute, run, overrides[run], supernodes[run], out)
+                   for run in runs]
+        for future in as_completed(futures):
+            yield future.result()
 
 
 def selected_results(run: Run, reports: list[Path]) -> dict[str, dict]:
@@ -312,8 +339,8 @@ def run_loco(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; known: {', '.join(STRATEGIES)}, "
                          f"{', '.join(BASELINES)}")
-    if args.seeds < 1:
-        raise ValueError("--seeds must be at least 1")
+    if args.seeds < 1 or args.jobs < 1:
+        raise ValueError("--seeds and --jobs must be at least 1")
     centres = read_centres(Path(args.centres))
     runs = plan(_held_out(args, centres), methods, losses, args.seeds)
     reference = _parse_overrides(args.reference_config)
@@ -323,20 +350,20 @@ def run_loco(args: argparse.Namespace) -> int:
     header = {"command": shell_join(["cytofed", *sys.argv[1:]]), "machine": machine(),
               "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "selection": SELECTION,
               "recipe": recipe, "reference": reference}
-    results = []
-    for index, run in enumerate(runs, start=1):
-        started = time.perf_counter()
-        reports = execute(run, overrides[run], len(training_centres(
-            parse_run_config(overrides[run]), centres)), out)
-        labelled = selected_results(run, reports)
-        results.append((run, labelled, reports))
+    supernodes = {run: len(training_centres(parse_run_config(overrides[run]), centres))
+                  for run in runs}
+    finished: dict[Run, tuple[dict[str, dict], list[Path]]] = {}
+    for count, (run, reports, seconds) in enumerate(
+            executed(runs, overrides, supernodes, out, args.jobs), start=1):
+        finished[run] = (selected_results(run, reports), reports)
+        results = [(r, *finished[r]) for r in runs if r in finished]  # in plan order
         write_tables(out, header, summarise(results))
-        result = labelled[run.method]
+        result = finished[run][0][run.method]
         adapted = result["held_out_bn_adapted"]
-        print(f"[loco] {index}/{len(runs)} {run.name}: held-out macro-F1 "
+        print(f"[loco] {count}/{len(runs)} {run.name}: held-out macro-F1 "
               f"{result['held_out']['macro_f1']:.3f}"
               + (f", BN-adapted {adapted['macro_f1']:.3f}" if adapted else "")
-              + f" ({time.perf_counter() - started:.0f}s)", flush=True)
+              + f" ({seconds:.0f}s)", flush=True)
     from server.comparison import render_comparison
 
     html = render_comparison(summarise(results), out)
@@ -366,5 +393,9 @@ def register_loco_command(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-config", default="",
                         help="overrides for the pooled cross-entropy reference only, e.g. "
                              "plain ERM: \"field-of-view='full' augment='basic'\"")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once, each in its own process (they share the "
+                             "device: on a GPU that small models leave mostly idle, a few at "
+                             "once finish the sweep sooner)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.set_defaults(func=run_loco)

@@ -27,6 +27,18 @@ def test_local_checkpoint_path(tmp_path):
         create_model("test_resnet", 5, pretrained=str(tmp_path / "missing.pth"))
 
 
+def test_a_pretrained_backbone_gets_a_zero_head_that_still_learns(tmp_path):
+    torch.save(create_model("test_resnet", num_classes=3).state_dict(), tmp_path / "ckpt.pth")
+    model = create_model("test_resnet", num_classes=5, pretrained=str(tmp_path / "ckpt.pth"))
+    inputs = torch.randn(4, 3, 32, 32)
+    logits = model(inputs)
+    assert torch.equal(logits, torch.zeros(4, 5))  # uniform first predictions
+    nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()
+    assert model.get_classifier().weight.grad.abs().sum() > 0
+    scratch = create_model("test_resnet", num_classes=5)  # no backbone weights: timm's init
+    assert scratch.get_classifier().weight.abs().sum() > 0
+
+
 def test_checkpoint_shape_mismatch_is_an_error():
     model = create_model("test_resnet", num_classes=3)
     state = {k: torch.zeros(1) for k in model.state_dict()}

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -14,12 +15,14 @@ CENTRES = "".join(f'[[centre]]\nname = "clinic-{c}"\nformat = "synthetic"\n\n' f
 
 
 def test_loco_smoke_writes_pooled_and_federated_rows(flower_env, tmp_path):
+    """Two runs at a time (--jobs 2): two federated runs with their own Ray instances at once."""
     (tmp_path / "centres.toml").write_text(CENTRES)
     out = tmp_path / "loco"
     command = [str(BIN / "cytofed"), "loco", "--centres", str(tmp_path / "centres.toml"),
                "--held-out", "clinic-a,clinic-b", "--strategies", "fedbn", "--losses", "ce",
                "--model", "test_resnet", "--image-size", "32", "--rounds", "2",
-               "--seeds", "1", "--device", "cpu", "--out", str(out), "--run-config",
+               "--seeds", "1", "--device", "cpu", "--jobs", "2", "--out", str(out),
+               "--run-config",
                f"synthetic-images=40 cache-dir='{tmp_path / 'cache'}'"]
     result = subprocess.run(command, cwd=ROOT, env=flower_env, capture_output=True, text=True,
                             timeout=400)
@@ -42,6 +45,13 @@ def test_loco_smoke_writes_pooled_and_federated_rows(flower_env, tmp_path):
             report = json.loads((Path(run_dir) / "report.json").read_text())
             assert report["held_out_centre"] == row["held_out"]
             assert row["held_out"] not in report["training_centres"]
+    # --jobs 2: the second federated run started before the first had finished.
+    federated = sorted(out.glob("runs/*-fedbn-ce-s0/report.json"))
+    assert len(federated) == 2
+    started = [datetime.strptime(p.parent.name[:15], "%Y%m%d-%H%M%S").timestamp()
+               for p in federated]
+    ended = [p.stat().st_mtime for p in federated]
+    assert max(started) < min(ended), (started, ended)
     markdown = (out / "loco.md").read_text()
     assert markdown.count("## Held-out centre:") == 2
     assert "## Mean over held-out centres" in markdown
