@@ -48,9 +48,14 @@ def update_problem(update: dict[str, np.ndarray], reference: dict[str, np.ndarra
 
 
 def update_distance(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
-    """L2 distance between an update and the global weights over floating-point tensors."""
-    return float(np.sqrt(sum(np.sum((v.astype(np.float64) - reference[k]) ** 2)
-                             for k, v in update.items() if np.issubdtype(v.dtype, np.floating))))
+    """L2 distance between an update and the global weights over floating-point tensors
+    (float32 differences, each tensor's squared norm summed in float64)."""
+    total = 0.0
+    for key, value in update.items():
+        if np.issubdtype(value.dtype, np.floating):
+            difference = np.subtract(value, reference[key], dtype=np.float32).ravel()
+            total += float(np.dot(difference, difference))
+    return float(np.sqrt(total))
 
 
 class ValidatedUpdates:
@@ -90,9 +95,12 @@ class ValidatedUpdates:
             candidates = [c for c, ok in zip(candidates, keep, strict=True) if ok]
         accepted = []
         for message, state in candidates:
-            content = RecordDict({"arrays": state_to_record(state),
-                                  "metrics": message.content["metrics"]})
-            message.content = content
+            # Flower's aggregation reads one ArrayRecord and one MetricRecord; fp32 updates
+            # are passed on as received, half-precision ones re-encoded in fp32.
+            arrays = (message.content["arrays"] if self.wire_precision == "fp32"
+                      else state_to_record(state))
+            message.content = RecordDict({"arrays": arrays,
+                                          "metrics": message.content["metrics"]})
             accepted.append(message)
         errors = [m for m in replies if m.has_error()]
         return super().aggregate_train(server_round, accepted + errors)

@@ -10,8 +10,9 @@
 #   bash simulations/gpu_loco.sh run     # there: install both, run `cytofed loco`, results in $OUT
 #
 # Settings (environment): SIZE, HELD_OUT, STRATEGIES, LOSSES, ROUNDS, LOCAL_EPOCHS, SEEDS, LR,
-# EXTRA_CONFIG (more run-config overrides), DEVICE, PYTHON (the interpreter with torch: python3
-# there), CENTRES and DATA (what is packed, and where).
+# EXTRA_CONFIG (more run-config overrides), DEVICE, JOBS (runs at once), LIMIT (seconds for the
+# sweep), PYTHON (the interpreter with torch: python3 there), CENTRES and DATA (what is packed,
+# and where).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -65,15 +66,25 @@ run)
   source simulations/gpu_env.sh
   "$PYTHON" -m simulations.bundle install --bundle "$DATA" --image-size "$SIZE" \
     --cache-dir "$CYTOFED_CACHE_DIR"
-  "$PYTHON" -m simulations.cli loco --centres "$DATA/centres.toml" \
+  # The device tool stops a command after 10 minutes: the sweep gets LIMIT seconds, and the
+  # tables (rewritten after every finished run) come back even when it is cut short.
+  status=0
+  timeout "${LIMIT:-480}" "$PYTHON" -m simulations.cli loco --centres "$DATA/centres.toml" \
     --held-out "${HELD_OUT:-all}" --strategies "${STRATEGIES:-fedavg,fedbn}" \
-    --losses "${LOSSES:-ce,balanced_softmax}" --model tf_efficientnet_lite0 \
+    --losses "${LOSSES:-ce}" --model tf_efficientnet_lite0 \
     --image-size "$SIZE" --rounds "${ROUNDS:-20}" --local-epochs "${LOCAL_EPOCHS:-2}" \
-    --seeds "${SEEDS:-3}" --device "${DEVICE:-cuda}" --out /tmp/loco \
+    --seeds "${SEEDS:-3}" --device "${DEVICE:-cuda}" --jobs "${JOBS:-6}" --out /tmp/loco \
     --run-config "pretrained='$PWD/$WEIGHTS' field-of-view='cell' augment='domain' \
 test-time-bn=true ${LR:+learning-rate=$LR} ${EXTRA_CONFIG:-}" \
-    --reference-config "field-of-view='full' augment='basic'" 2>&1 | tee "$OUT/loco.log"
-  cp /tmp/loco/loco.json /tmp/loco/loco.md /tmp/loco/comparison.html "$OUT/"
+    --reference-config "field-of-view='full' augment='basic'" > "$OUT/loco.log" 2>&1 || status=$?
+  tail -n 40 "$OUT/loco.log"
+  echo "loco exit status $status (124: stopped after ${LIMIT:-480} s)"
+  if [ "$status" -ne 0 ]; then  # a stopped sweep leaves its worker processes and Ray behind
+    pkill -f 'multiprocessing.spawn' || true
+    pkill -f 'ray/core/src/ray' || true
+  fi
+  cp /tmp/loco/loco.json /tmp/loco/loco.md "$OUT/" || true
+  cp /tmp/loco/comparison.html "$OUT/" 2>/dev/null || true
   tar -czf "$OUT/reports.tar.gz" -C /tmp/loco --exclude='*.safetensors' --exclude='*.png' runs
   ;;
 *)
