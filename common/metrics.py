@@ -1,4 +1,8 @@
-"""Classification metrics for imbalanced classes (scikit-learn underneath) and calibration.
+"""Classification metrics for imbalanced classes and calibration, from the confusion matrix.
+
+(Plain numpy, equal to scikit-learn's ``f1_score``/``balanced_accuracy_score`` as the tests
+check: a deployed site starts a fresh process per message, and importing ``sklearn.metrics``
+cost it about a second each time.)
 
 The ``uncertain`` flag of an exported model comes from :func:`uncertainty_threshold`: among
 the equal-width bin edges of the top-class probability, the smallest threshold ``t`` such that
@@ -12,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
 
 CONFIDENCE_BINS = 20  # equal-width bins of the top-class probability, for the threshold
 TARGET_ERROR = 0.05  # error rate allowed among predictions not flagged uncertain
@@ -29,22 +32,36 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
     """
     labels = np.asarray(labels, dtype=np.int64)
     predictions = np.asarray(probabilities).argmax(axis=1)
-    all_classes = np.arange(len(classes))
-    present = np.unique(labels)
-    per_class = f1_score(labels, predictions, labels=all_classes, average=None, zero_division=0)
+    matrix = confusion_matrix(labels, predictions, len(classes))
+    present = np.flatnonzero(matrix.sum(axis=1))
+    true_positives = np.diag(matrix)
+    predicted, actual = matrix.sum(axis=0), matrix.sum(axis=1)
+    per_class = _safe_divide(2 * true_positives, predicted + actual)
     return {
-        "macro_f1": float(f1_score(labels, predictions, labels=present, average="macro",
-                                   zero_division=0)),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
+        "macro_f1": float(per_class[present].mean()),
+        "balanced_accuracy": float(_safe_divide(true_positives, actual)[present].mean()),
         "accuracy": float(np.mean(predictions == labels)),
         "ece": expected_calibration_error(labels, probabilities),
         "num_examples": len(labels),
         "per_class_f1": {name: (float(per_class[i]) if i in present else None)
                          for i, name in enumerate(classes)},
-        "confusion_matrix": confusion_matrix(labels, predictions, labels=all_classes).tolist(),
+        "confusion_matrix": matrix.tolist(),
         "reliability": reliability_bins(labels, probabilities),
         "confidence_histogram": confidence_histogram(labels, probabilities),
     }
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray,
+                     num_classes: int) -> np.ndarray:
+    """Counts (num_classes, num_classes): rows = true class, columns = predicted class."""
+    flat = np.asarray(labels, dtype=np.int64) * num_classes + np.asarray(predictions)
+    return np.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator, 0 where the denominator is 0 (scikit-learn's zero_division=0)."""
+    return np.divide(numerator, denominator, out=np.zeros(len(numerator)),
+                     where=denominator > 0)
 
 
 def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray,

@@ -40,3 +40,28 @@ def test_calibration_error_by_hand():
     assert expected_calibration_error(labels, probabilities) == pytest.approx(0.05)
     bins = reliability_bins(labels, probabilities)
     assert len(bins) == 1 and bins[0]["count"] == 4
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_scores_equal_scikit_learns_on_random_imbalanced_predictions(seed):
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+    from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
+
+    rng = np.random.default_rng(seed)
+    classes = tuple("abcdef")
+    # Skewed labels, some classes absent; predictions may name absent classes.
+    labels = rng.choice(6, size=int(rng.integers(5, 80)), p=[0.5, 0.3, 0.1, 0.1, 0.0, 0.0])
+    probabilities = rng.dirichlet(np.ones(6) * 0.3, size=len(labels))
+    predictions = probabilities.argmax(axis=1)
+    present = np.unique(labels)
+    metrics = classification_metrics(labels, probabilities, classes)
+    assert metrics["macro_f1"] == pytest.approx(
+        f1_score(labels, predictions, labels=present, average="macro", zero_division=0))
+    assert metrics["balanced_accuracy"] == pytest.approx(
+        balanced_accuracy_score(labels, predictions))
+    expected = f1_score(labels, predictions, labels=np.arange(6), average=None, zero_division=0)
+    for i, name in enumerate(classes):
+        assert metrics["per_class_f1"][name] == (
+            pytest.approx(expected[i]) if i in present else None)
+    assert metrics["confusion_matrix"] == sklearn_confusion_matrix(
+        labels, predictions, labels=np.arange(6)).tolist()
