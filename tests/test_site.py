@@ -80,3 +80,23 @@ def test_the_simulation_client_app_has_every_handler(kind):
     built = build_client_app({"seed": 1})
     assert kind in app._registered_funcs and kind in built._registered_funcs
     assert built._mods[1:] == app._mods  # the run-config merge first, then the same mods
+
+
+def test_a_process_keeps_one_site_per_node_and_run_config(tmp_path):
+    from client.site import open_site
+
+    run_config = RunConfig(model="test_resnet", image_size=16, synthetic_images=40,
+                           cache_dir=str(tmp_path), device="cpu").to_dict()
+
+    def context(partition: int, config: dict) -> Context:
+        return Context(run_id=1, node_id=partition + 1, node_config={"partition-id": partition},
+                       state=RecordDict(), run_config=config)
+
+    first = open_site(context(0, run_config))
+    again = open_site(context(0, run_config))
+    assert again is first and again.model is first.model  # built once, reused per message
+    assert again.device_images["train"] is first.device_images["train"]
+    other_node = open_site(context(1, run_config))
+    assert other_node.spec != first.spec and other_node.model is not first.model
+    other_run = open_site(context(0, {**run_config, "seed": 7}))
+    assert other_run is not first and other_run.model is not first.model
