@@ -61,15 +61,15 @@ class Site:
         """Load the global weights; under FedBN overlay this site's own BatchNorm tensors."""
         local_keys = batchnorm_keys(model) if self.keeps_batchnorm_local else set()
         state = from_wire({k: v.numpy() for k, v in arrays.items()}, self.config.wire_precision)
-        load_state(model, state, allow_missing=local_keys)
         if local_keys and LOCAL_STATE_KEY in context.state:
-            local = {k: v.numpy() for k, v in context.state[LOCAL_STATE_KEY].items()}
-            load_state(model, {**model_state(model), **local})
+            state = {**state, **{k: v.numpy() for k, v in context.state[LOCAL_STATE_KEY].items()}}
+        load_state(model, state, allow_missing=local_keys)
 
     def keep_local_state(self, model: nn.Module, context: Context) -> None:
         """Under FedBN, remember this site's BatchNorm tensors for the next round."""
         if self.keeps_batchnorm_local:
-            local = {k: v for k, v in model_state(model).items() if k in batchnorm_keys(model)}
+            local_keys = batchnorm_keys(model)
+            local = {k: v for k, v in model_state(model).items() if k in local_keys}
             context.state[LOCAL_STATE_KEY] = _to_record(local)
 
     def outgoing_arrays(self, model: nn.Module) -> ArrayRecord:
