@@ -126,8 +126,9 @@ def _wire_precisions() -> tuple[str, ...]:
     return WIRE_PRECISIONS
 
 
-# Field -> (check, what is expected). Fields without an entry only need the right type.
-CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+# Field -> (check, what is expected, or a function that says it). Fields without an entry
+# only need the right type.
+CHECKS: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
     "num_server_rounds": (_positive, "a positive integer"),
     "local_epochs": (_positive, "a positive integer"),
     "learning_rate": (_positive, "a positive number"),
@@ -140,8 +141,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "class_prior": (_one_of(CLASS_PRIORS), f"one of {CLASS_PRIORS}"),
     "augment": (_known_augmentation, "an augmentation preset or comma-separated op names"),
     "field_of_view": (_one_of(FIELDS_OF_VIEW), f"one of {FIELDS_OF_VIEW}"),
-    "strategy": (_one_of(_methods), "one of the methods of common.methods.METHODS: "
-                 "fedavg, fedprox, fedadam, fedbn, fedmedian, fedtrimmedavg, pooled, local"),
+    "strategy": (_one_of(_methods), lambda: f"one of the methods {_methods()}"),
     "proximal_mu": (_non_negative, "a number >= 0"),
     "server_learning_rate": (_positive, "a positive number"),
     "trim_fraction": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
@@ -179,7 +179,9 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     config = dataclasses.replace(defaults, **values)
     for name, (check, expected) in CHECKS.items():
         if not check(getattr(config, name)):
-            raise ConfigError(name.replace("_", "-"), expected, getattr(config, name))
+            raise ConfigError(name.replace("_", "-"),
+                              expected() if callable(expected) else expected,
+                              getattr(config, name))
     if config.norm == "frozen_batch" and not config.pretrained:
         raise ConfigError("norm", "'batch' or 'group' without a pretrained backbone "
                           "('frozen_batch' keeps pretrained BatchNorm statistics)", config.norm)

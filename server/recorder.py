@@ -53,20 +53,24 @@ class RoundResult:
 
 def in_distribution_test(reports: Sequence[dict], classes: Sequence[str]) -> dict | None:
     """The selected model on the training sites' test splits: metrics of their summed
-    confusion counts, plus each site's macro-F1 and images (None when no site scored one).
+    confusion counts, plus each site's macro-F1 and images, by centre name (None when no site
+    scored an image).
 
     ``reports`` are sites' ``common.selection.site_report``s for the ``test`` split, each with
-    its ``centre``.
+    its ``centre``; a malformed one is left out (``common.selection.usable_reports``).
     """
-    scored = [r for r in reports if r.get(selection.WEIGHT_KEY, 0) > 0]
+    counts = {r.get("centre", "?"): {k: v for k, v in r.items() if k != "centre"}
+              for r in reports}
+    usable = selection.usable_reports(list(counts.values()))
+    scored = {centre: r for centre, r in sorted(counts.items())
+              if any(r is u for u in usable) and r[selection.WEIGHT_KEY] > 0}
     if not scored:
         return None
-    summed = selection.combine_site_reports([{k: v for k, v in r.items() if k != "centre"}
-                                             for r in scored])
+    summed = selection.combine_site_reports(list(scored.values()))
     return {**confusion_metrics(selection.square(summed["test_confusion_matrix"]), classes),
             "loss": summed.get("test_loss"),
-            "sites": [{"centre": r.get("centre", "?"), "macro_f1": r["test_macro_f1"],
-                       "num_examples": r[selection.WEIGHT_KEY]} for r in scored]}
+            "sites": [{"centre": centre, "macro_f1": r["test_macro_f1"],
+                       "num_examples": r[selection.WEIGHT_KEY]} for centre, r in scored.items()]}
 
 
 class RunRecorder:

@@ -68,3 +68,20 @@ def test_a_malformed_report_is_left_out_not_the_pooling():
                {**good, "num-examples": -1}, {**good, "val_loss": "high"}, {"val_loss": 1.0}]
     assert usable_reports(reports) == [good, good]
     assert combine_site_reports(usable_reports(reports))["val_confusion_matrix"] == [2, 0, 0, 2]
+
+
+def test_the_in_distribution_test_sums_the_sites_test_counts_by_centre():
+    from server.recorder import in_distribution_test
+
+    def tested(centre: str, matrix: list[int]) -> dict:
+        return {"centre": centre, "test_confusion_matrix": matrix,
+                "test_macro_f1": macro_f1(matrix), "num-examples": sum(matrix)}
+
+    empty = {"centre": "empty", **site_report("test", None, 2)}
+    result = in_distribution_test([tested("b", [3, 1, 0, 4]), tested("a", [2, 0, 0, 2]),
+                                   {"centre": "broken", "num-examples": "many"}, empty],
+                                  CLASSES)
+    assert result["confusion_matrix"] == [[5, 1], [0, 6]] and result["num_examples"] == 12
+    assert [(s["centre"], s["num_examples"]) for s in result["sites"]] == [("a", 4), ("b", 8)]
+    assert result["macro_f1"] == pytest.approx(macro_f1([[5, 1], [0, 6]]))
+    assert in_distribution_test([empty], CLASSES) is None
