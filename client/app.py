@@ -1,6 +1,8 @@
-"""cytofed ClientApp: a site trains and validates the global model on its own images.
+"""cytofed ClientApp: a site trains the global model on its own images and scores it on its
+validation split every round and on its test split once, at the end.
 
-Only weights and aggregate metrics leave the site. The centre comes from ``node_config``:
+Only weights and aggregate metrics (confusion counts, confidence shares, losses) leave the
+site. The centre comes from ``node_config``:
 ``centre-config`` (path to the site's centre TOML, in deployment) or ``partition-id``
 (simulation: the n-th training centre of the run's data source).
 """
@@ -19,7 +21,8 @@ from flwr.clientapp import ClientApp
 from client.faults import fault_injection_mod
 from client.privacy import dp_clipping_mod
 from client.site import Site, open_site
-from common.pipeline import fit, score
+from common.pipeline import fit, round_seed, score_as_applied
+from common.selection import site_report
 
 # Clipping for differential privacy wraps everything, a test-only injected fault included.
 MODS = (dp_clipping_mod, fault_injection_mod)
@@ -33,14 +36,15 @@ def train(msg: Message, context: Context) -> Message:
     config = site.config
     train_config = msg.content["config"]
     model = site.model
-    site.restore_local_state(model, msg.content["arrays"], context)
+    site.load_for_training(model, msg.content["arrays"], context)
     counts = _class_counts(train_config, site)
     server_round = int(train_config["server-round"])
     metrics = fit(model, site.train, config, counts,
                   progress=server_round / config.num_server_rounds,
-                  seed=config.seed * 1000 + server_round, images=site.device_images["train"])
-    site.keep_local_state(model, context)
-    arrays = site.outgoing_arrays(model)
+                  seed=round_seed(config.seed, server_round, site.spec.name),
+                  images=site.device_images["train"])
+    site.keep(model, context)
+    arrays = site.update(model)
     reply = RecordDict({
         "arrays": arrays,
         "metrics": MetricRecord({**metrics, "num-examples": len(site.train),
@@ -53,25 +57,25 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Metrics of the global model on the site's validation split.
+    """Metrics of the global model on the split the server names (``split`` in the config:
+    ``val``, the default, or ``test``), as the exported model is applied.
 
-    The confidence histograms are shares of the site's validation images per confidence bin,
-    so the server's example-weighted average is the pooled histogram of all sites.
+    Aggregates only (see ``common.selection.site_report``): confusion counts, and confidence
+    histograms as shares of the split's images, so the server's example-weighted average is
+    the pooled histogram of all sites.
     """
     site = open_site(context)
-    site.restore_local_state(site.model, msg.content["arrays"], context)
+    split = str(msg.content["config"].get("split", "val"))
+    data = site.split(split)
+    site.load_global(site.model, msg.content["arrays"])
     started = time.perf_counter()
-    metrics = score(site.model, site.val, site.config, images=site.device_images["val"])
-    seconds = time.perf_counter() - started
-    histogram = metrics["confidence_histogram"]
-    reply = MetricRecord({"val_loss": metrics["loss"], "val_macro_f1": metrics["macro_f1"],
-                          "val_balanced_accuracy": metrics["balanced_accuracy"],
-                          "val_correct_by_confidence": [c / len(site.val)
-                                                        for c in histogram["correct"]],
-                          "val_wrong_by_confidence": [c / len(site.val)
-                                                      for c in histogram["wrong"]],
-                          "eval_seconds": seconds, "num-examples": len(site.val)})
-    return Message(content=RecordDict({"metrics": reply}), reply_to=msg)
+    metrics = score_as_applied(site.model, data, site.config,
+                               images=site.device_images.get(split))
+    report = {**site_report(split, metrics, len(site.classes)),
+              "eval_seconds": time.perf_counter() - started}
+    return Message(content=RecordDict({"metrics": MetricRecord(report),
+                                       "site": ConfigRecord({"centre": site.spec.name})}),
+                   reply_to=msg)
 
 
 @app.query("class_counts")

@@ -1,9 +1,11 @@
-"""What only a site knows: which centre it is, its splits and, under FedBN, its own BatchNorm.
+"""What only a site knows: which centre it is, its splits and the tensors its method keeps.
 
 A site process keeps its :class:`Site` between messages (one per run config and node): the
 splits, their images on the training device and one model, which every message reloads from
 the global weights. Building the model and uploading the images once, not twice per round,
-is most of what a round costs a site besides its compute.
+is most of what a round costs a site besides its compute. The run's method
+(``common.methods``) says which tensors a site keeps between rounds (loaded over the global
+ones before it trains: FedBN's BatchNorm) and which it sends.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from torch import nn
 
 from common.config import RunConfig, parse_run_config, resolve_centres, training_centres
 from common.data import CentreData, CentreSpec
-from common.models import batchnorm_keys
+from common.methods import Method, create_method
 from common.pipeline import centre_splits, load_centre_data, new_model
+from common.selection import SPLITS
 from common.train import images_on_device, resolve_device
 from common.weights import from_wire, load_state, model_state, to_wire
 
-LOCAL_STATE_KEY = "fedbn-local-state"
+KEPT_STATE_KEY = "site-kept-state"
 # Sites one process keeps open: in simulation one worker serves every node in turn.
 SITES_PER_PROCESS = 8
 
@@ -36,10 +39,15 @@ class Site:
     spec: CentreSpec
     train: CentreData
     val: CentreData
+    test: CentreData
 
     @property
     def classes(self) -> tuple[str, ...]:
         return self.train.classes
+
+    @functools.cached_property
+    def method(self) -> Method:
+        return create_method(self.config)
 
     @functools.cached_property
     def model(self) -> nn.Module:
@@ -48,34 +56,44 @@ class Site:
 
     @functools.cached_property
     def device_images(self) -> dict[str, torch.Tensor]:
-        """The train and val images, uploaded once (see ``images_on_device``)."""
+        """The train and val images, uploaded once (see ``images_on_device``); the test split
+        is scored once per run and placed then."""
         device = resolve_device(self.config.device)
         return {"train": images_on_device(self.train.images, device),
                 "val": images_on_device(self.val.images, device)}
 
-    @property
-    def keeps_batchnorm_local(self) -> bool:
-        return self.config.strategy == "fedbn"
+    def split(self, name: str) -> CentreData:
+        """The split a server asks the site to score (``val`` or ``test``)."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; a site scores one of {SPLITS}")
+        return getattr(self, name)
 
-    def restore_local_state(self, model: nn.Module, arrays: ArrayRecord, context: Context) -> None:
-        """Load the global weights; under FedBN overlay this site's own BatchNorm tensors."""
-        local_keys = batchnorm_keys(model) if self.keeps_batchnorm_local else set()
+    def load_global(self, model: nn.Module, arrays: ArrayRecord) -> None:
+        """Load the global weights the server sent (as they are: validation and test score
+        the global model)."""
         state = from_wire({k: v.numpy() for k, v in arrays.items()}, self.config.wire_precision)
-        if local_keys and LOCAL_STATE_KEY in context.state:
-            state = {**state, **{k: v.numpy() for k, v in context.state[LOCAL_STATE_KEY].items()}}
-        load_state(model, state, allow_missing=local_keys)
+        load_state(model, state)
 
-    def keep_local_state(self, model: nn.Module, context: Context) -> None:
-        """Under FedBN, remember this site's BatchNorm tensors for the next round."""
-        if self.keeps_batchnorm_local:
-            local_keys = batchnorm_keys(model)
-            local = {k: v for k, v in model_state(model).items() if k in local_keys}
-            context.state[LOCAL_STATE_KEY] = _to_record(local)
+    def load_for_training(self, model: nn.Module, arrays: ArrayRecord, context: Context) -> None:
+        """The global weights with the tensors this site keeps, from its previous round, over
+        them."""
+        self.load_global(model, arrays)
+        if KEPT_STATE_KEY in context.state:
+            kept = {k: v.numpy() for k, v in context.state[KEPT_STATE_KEY].items()}
+            load_state(model, kept, allow_missing=set(model_state(model)) - set(kept))
 
-    def outgoing_arrays(self, model: nn.Module) -> ArrayRecord:
-        """The update that leaves the site: weights only, BatchNorm excluded under FedBN."""
-        exclude = batchnorm_keys(model) if self.keeps_batchnorm_local else set()
-        return _to_record(to_wire(model_state(model, exclude), self.config.wire_precision))
+    def keep(self, model: nn.Module, context: Context) -> None:
+        """Remember the tensors the method keeps at the site for the next round."""
+        keys = self.method.kept_keys(model)
+        if keys:
+            context.state[KEPT_STATE_KEY] = _to_record(
+                {k: v for k, v in model_state(model).items() if k in keys})
+
+    def update(self, model: nn.Module) -> ArrayRecord:
+        """The update that leaves the site: the tensors the method sends, in wire precision."""
+        sent = self.method.sent_keys(model)
+        state = {k: v for k, v in model_state(model).items() if k in sent}
+        return _to_record(to_wire(state, self.config.wire_precision))
 
 
 def _to_record(state: dict) -> ArrayRecord:
@@ -109,4 +127,4 @@ def open_site(context: Context) -> Site:
 def _open_site(config: RunConfig, node_config: tuple) -> Site:
     spec = site_centre(config, dict(node_config))
     splits = centre_splits(load_centre_data(spec, config), spec.split_seed)
-    return Site(config, spec, splits["train"], splits["val"])
+    return Site(config, spec, splits["train"], splits["val"], splits["test"])

@@ -15,7 +15,6 @@ from typing import Any
 
 from common.data import CentreSpec
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedbn", "fedmedian", "fedtrimmedavg")
 FIELDS_OF_VIEW = ("full", "cell")
 CLASS_PRIORS = ("local", "federated")
 SYNTHETIC = "synthetic"
@@ -109,27 +108,40 @@ def _known_augmentation(spec: str) -> bool:
     return True
 
 
+def _methods() -> list[str]:
+    from common.methods import METHODS
+
+    return list(METHODS)
+
+
+def _norms() -> tuple[str, ...]:
+    from common.models import NORMALISATIONS
+
+    return NORMALISATIONS
+
+
 def _wire_precisions() -> tuple[str, ...]:
     from common.weights import WIRE_PRECISIONS
 
     return WIRE_PRECISIONS
 
 
-# Field -> (check, what is expected). Fields without an entry only need the right type.
-CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+# Field -> (check, what is expected, or a function that says it). Fields without an entry
+# only need the right type.
+CHECKS: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
     "num_server_rounds": (_positive, "a positive integer"),
     "local_epochs": (_positive, "a positive integer"),
     "learning_rate": (_positive, "a positive number"),
     "weight_decay": (_non_negative, "a number >= 0"),
     "batch_size": (_positive, "a positive integer"),
     "model": (_known_model, "a timm model name such as 'resnet18' or 'tf_efficientnet_lite0'"),
-    "norm": (_one_of(("batch", "group")), "'batch' or 'group'"),
+    "norm": (_one_of(_norms), "'batch', 'group' or 'frozen_batch'"),
     "image_size": (lambda v: 16 <= v <= 1024, "an integer between 16 and 1024"),
     "loss": (_known_loss, "a loss of common.losses.available_losses()"),
     "class_prior": (_one_of(CLASS_PRIORS), f"one of {CLASS_PRIORS}"),
     "augment": (_known_augmentation, "an augmentation preset or comma-separated op names"),
     "field_of_view": (_one_of(FIELDS_OF_VIEW), f"one of {FIELDS_OF_VIEW}"),
-    "strategy": (_one_of(STRATEGIES), f"one of {STRATEGIES}"),
+    "strategy": (_one_of(_methods), lambda: f"one of the methods {_methods()}"),
     "proximal_mu": (_non_negative, "a number >= 0"),
     "server_learning_rate": (_positive, "a positive number"),
     "trim_fraction": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
@@ -167,7 +179,12 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     config = dataclasses.replace(defaults, **values)
     for name, (check, expected) in CHECKS.items():
         if not check(getattr(config, name)):
-            raise ConfigError(name.replace("_", "-"), expected, getattr(config, name))
+            raise ConfigError(name.replace("_", "-"),
+                              expected() if callable(expected) else expected,
+                              getattr(config, name))
+    if config.norm == "frozen_batch" and not config.pretrained:
+        raise ConfigError("norm", "'batch' or 'group' without a pretrained backbone "
+                          "('frozen_batch' keeps pretrained BatchNorm statistics)", config.norm)
     return config
 
 

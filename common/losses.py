@@ -158,23 +158,33 @@ class ClassBalancedLoss(nn.Module):
 
 class LDAMDRWLoss(nn.Module):
     """LDAM with deferred re-weighting (Cao et al. 2019, "Learning Imbalanced Datasets with
-    Label-Distribution-Aware Margin Loss"): class-balanced weights once progress >= drw_start."""
+    Label-Distribution-Aware Margin Loss"): class-balanced weights once progress >= drw_start.
+
+    LDAM's cross-entropy is on s * (z - margin). The scale s belongs to the model, not the loss
+    (:meth:`logit_scale`: the model's logits are s * z, in training and at inference, so its
+    probabilities are calibrated like cross-entropy's); the loss subtracts s * margin.
+    """
 
     class_weights: Tensor | None
 
     def __init__(self, class_counts: Tensor, progress: float, hparams: LossHParams) -> None:
         super().__init__()
-        self.scale = hparams.ldam_scale
-        self.register_buffer("margins", ldam_margins(class_counts, hparams.ldam_max_margin).float())
+        margins = hparams.ldam_scale * ldam_margins(class_counts, hparams.ldam_max_margin)
+        self.register_buffer("scaled_margins", margins.float())
         weights = None
         if progress >= hparams.drw_start:
             weights = class_balanced_weights(class_counts, hparams.drw_beta).float()
         self.register_buffer("class_weights", weights)
 
+    @staticmethod
+    def logit_scale(hparams: LossHParams) -> float:
+        """The factor s the model multiplies its logits by."""
+        return hparams.ldam_scale
+
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         true_class = F.one_hot(targets, logits.shape[1]).bool()
-        margined = logits.float() - true_class * self.margins[targets, None]
-        per_example = F.cross_entropy(self.scale * margined, targets, reduction="none")
+        margined = logits.float() - true_class * self.scaled_margins[targets, None]
+        per_example = F.cross_entropy(margined, targets, reduction="none")
         return batch_mean(per_example, targets, self.class_weights)
 
 
@@ -227,6 +237,15 @@ LOSSES: dict[str, type[nn.Module]] = {
 def available_losses() -> list[str]:
     """Registered loss names, in registry order."""
     return list(LOSSES)
+
+
+def logit_scale(name: str, hparams: LossHParams | None = None) -> float:
+    """The factor by which a model trained with loss ``name`` multiplies its logits, in
+    training and at inference (a loss class's ``logit_scale``; 1 for most losses)."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(available_losses())}")
+    scale = getattr(LOSSES[name], "logit_scale", None)
+    return scale(hparams or LossHParams()) if scale else 1.0
 
 
 def create_loss(name: str, class_counts: Sequence[int] | np.ndarray, progress: float = 0.0,

@@ -23,16 +23,31 @@ TARGET_ERROR = 0.05  # error rate allowed among predictions not flagged uncertai
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
                            classes: Sequence[str]) -> dict:
-    """Macro-F1, balanced accuracy, accuracy, per-class F1, confusion matrix, ECE, reliability
-    bins and the confidence histogram.
-
-    Macro-F1 and balanced accuracy average over the classes present in ``labels`` (a class a
-    centre never sees cannot be scored); per-class F1 is ``None`` for absent classes. The
-    confusion matrix has rows = true class and columns = predicted class, in ``classes`` order.
-    """
+    """:func:`confusion_metrics` plus ECE, reliability bins and the confidence histogram."""
     labels = np.asarray(labels, dtype=np.int64)
     predictions = np.asarray(probabilities).argmax(axis=1)
-    matrix = confusion_matrix(labels, predictions, len(classes))
+    return {
+        **confusion_metrics(confusion_matrix(labels, predictions, len(classes)), classes),
+        "ece": expected_calibration_error(labels, probabilities),
+        "reliability": reliability_bins(labels, probabilities),
+        "confidence_histogram": confidence_histogram(labels, probabilities),
+    }
+
+
+def confusion_metrics(matrix: np.ndarray | Sequence[Sequence[int]],
+                      classes: Sequence[str]) -> dict:
+    """Macro-F1, balanced accuracy, accuracy, per-class F1 and the matrix, from confusion counts.
+
+    Macro-F1 and balanced accuracy average over the classes present (non-empty rows: a class a
+    centre never sees cannot be scored); per-class F1 is ``None`` for absent classes. The
+    confusion matrix has rows = true class and columns = predicted class, in ``classes`` order.
+    Raises ValueError for a matrix without any example.
+    """
+    matrix = np.asarray(matrix, dtype=np.int64)
+    if matrix.shape != (len(classes), len(classes)):
+        raise ValueError(f"confusion matrix of shape {matrix.shape} for {len(classes)} classes")
+    if matrix.sum() == 0:
+        raise ValueError("the confusion matrix holds no example")
     present = np.flatnonzero(matrix.sum(axis=1))
     true_positives = np.diag(matrix)
     predicted, actual = matrix.sum(axis=0), matrix.sum(axis=1)
@@ -40,14 +55,11 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
     return {
         "macro_f1": float(per_class[present].mean()),
         "balanced_accuracy": float(_safe_divide(true_positives, actual)[present].mean()),
-        "accuracy": float(np.mean(predictions == labels)),
-        "ece": expected_calibration_error(labels, probabilities),
-        "num_examples": len(labels),
+        "accuracy": float(true_positives.sum() / matrix.sum()),
+        "num_examples": int(matrix.sum()),
         "per_class_f1": {name: (float(per_class[i]) if i in present else None)
                          for i, name in enumerate(classes)},
         "confusion_matrix": matrix.tolist(),
-        "reliability": reliability_bins(labels, probabilities),
-        "confidence_histogram": confidence_histogram(labels, probabilities),
     }
 
 

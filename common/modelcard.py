@@ -44,9 +44,11 @@ class Preprocessing:
 class ModelCard:
     """What an exported model is, how it was trained and how it should be applied.
 
-    ``weights`` is the safetensors file, relative to the card. ``adapt_batchnorm`` (FedBN)
-    asks for BatchNorm statistics to be re-estimated on the images before predicting.
-    ``uncertainty`` is the output of ``common.metrics.uncertainty_threshold`` or None.
+    ``weights`` is the safetensors file, relative to the card. ``adapt_batchnorm`` (FedBN,
+    ``test-time-bn``) asks for BatchNorm statistics to be re-estimated on the images before
+    predicting. ``logit_scale`` multiplies the classifier's logits, as in training (LDAM's s;
+    see ``common.models.ScaledClassifier``). ``uncertainty`` is the output of
+    ``common.metrics.uncertainty_threshold`` or None.
     """
 
     classes: tuple[str, ...]
@@ -56,6 +58,7 @@ class ModelCard:
     preprocessing: Preprocessing
     weights: str = "best.safetensors"
     adapt_batchnorm: bool = False
+    logit_scale: float = 1.0
     training_centres: tuple[str, ...] = ()
     held_out_centre: str | None = None
     held_out_metrics: dict[str, Any] = field(default_factory=dict)
@@ -133,7 +136,8 @@ def load_exported_model(path: Path) -> tuple[nn.Module, ModelCard]:
                          f"and mean/std {steps.mean}/{steps.std}; this version decodes as "
                          f"v{CACHE_VERSION} and normalises with ImageNet's, so predictions "
                          "would not match training")
-    model = create_model(card.backbone, len(card.classes), pretrained="", norm=card.norm)
+    model = create_model(card.backbone, len(card.classes), pretrained="", norm=card.norm,
+                         logit_scale=card.logit_scale)
     state, _ = load_weights(weights)
     load_state(model, state)
     return model.eval(), card

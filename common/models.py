@@ -1,15 +1,30 @@
-"""Backbones through timm, with offline ImageNet weights and local checkpoints."""
+"""Backbones through timm, with offline ImageNet weights, local checkpoints and three norms.
+
+``norm`` says what normalises the features:
+
+- ``batch``: BatchNorm, statistics of the training batches (running averages at inference);
+- ``group``: GroupNorm, statistics of each image alone, so no statistic depends on a centre's
+  batches (Wu & He 2018); built by timm itself through ``norm_layer`` (``GroupNormAct`` where
+  the backbone fuses norm and activation), with one group count that divides every channel
+  count of the backbone;
+- ``frozen_batch``: BatchNorm fixed at its pretrained statistics and affine parameters (timm's
+  ``freeze_batch_norm_2d``), so no site's images move them; needs a pretrained backbone.
+"""
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import timm
 import torch
+from timm.layers import GroupNorm, freeze_batch_norm_2d
 from torch import nn
 
-NORMALISATIONS = ("batch", "group")
+NORMALISATIONS = ("batch", "group", "frozen_batch")
+MAX_GROUPS = 32  # Wu & He's default group count, and timm's
 
 
 def _efficientnet_lite0_state() -> dict[str, torch.Tensor]:
@@ -37,15 +52,18 @@ def check_model_name(name: str) -> None:
         raise ValueError(f"unknown model {name!r}; timm names such as {close or ['resnet18']}")
 
 
-def create_model(name: str, num_classes: int, pretrained: str = "",
-                 norm: str = "batch") -> nn.Module:
+def create_model(name: str, num_classes: int, pretrained: str = "", norm: str = "batch",
+                 logit_scale: float = 1.0) -> nn.Module:
     """A timm classifier with ``num_classes`` outputs.
 
     ``pretrained`` is ``""`` (random init), ``"imagenet"`` (offline weights, see
     :data:`IMAGENET_WEIGHTS`) or a path to a local checkpoint (a state dict, or a dict holding
     one under ``"state_dict"``/``"model"``). The classifier head is never loaded: on a
-    pretrained backbone it starts at zero (see :func:`zero_classifier`). ``norm="group"``
-    replaces every BatchNorm by GroupNorm.
+    pretrained backbone it starts at zero (see :func:`zero_classifier`). ``norm`` is one of
+    :data:`NORMALISATIONS` (see the module docstring); the other norms start from the
+    BatchNorm network's weights (pretrained or seeded), affine parameters included.
+    ``logit_scale`` multiplies the logits, in training and at inference (see
+    :class:`ScaledClassifier`).
     """
     check_model_name(name)
     if norm not in NORMALISATIONS:
@@ -55,8 +73,88 @@ def create_model(name: str, num_classes: int, pretrained: str = "",
         load_backbone_weights(model, _pretrained_state(name, pretrained))
         zero_classifier(model)
     if norm == "group":
-        model = batchnorm_to_groupnorm(model)
+        model = with_group_norm(model, name, num_classes)
+    elif norm == "frozen_batch":
+        model = freeze_batch_norm_2d(model)
+    if logit_scale != 1.0:
+        scale_logits(model, logit_scale)
     return model
+
+
+def group_count(channels: list[int]) -> int:
+    """The largest group count up to :data:`MAX_GROUPS` that divides every channel count."""
+    common = functools.reduce(math.gcd, channels)
+    return next(g for g in range(min(MAX_GROUPS, common), 0, -1) if common % g == 0)
+
+
+def _timm_model(name: str, num_classes: int, norm_layer: Callable[..., nn.Module]) -> nn.Module:
+    """timm's ``name`` built with ``norm_layer``.
+
+    timm's ``tf_`` ports (TensorFlow-trained weights: 'same' padding, TF's BatchNorm eps) pass
+    a BatchNorm eps that their constructors refuse beside ``norm_layer`` (timm 1.0), so a port
+    is built as its native twin with 'same' padding: the same network, tensor for tensor.
+    """
+    twin = name.removeprefix("tf_")
+    if twin != name and timm.is_model(twin):
+        return timm.create_model(twin, num_classes=num_classes, pad_type="same",
+                                 norm_layer=norm_layer)
+    return timm.create_model(name, num_classes=num_classes, norm_layer=norm_layer)
+
+
+def with_group_norm(model: nn.Module, name: str, num_classes: int) -> nn.Module:
+    """``model``'s network rebuilt by timm with GroupNorm, carrying over ``model``'s weights.
+
+    timm turns the norm layer into ``GroupNormAct`` where the backbone fuses norm and
+    activation, so every activation stays. Raises ValueError for a backbone that has no
+    BatchNorm or that timm cannot build with another norm layer.
+    """
+    channels = [m.num_features for m in model.modules() if is_batchnorm(m)]
+    if not channels:
+        raise ValueError(f"norm 'group': model {name!r} has no BatchNorm to replace")
+    norm_layer = functools.partial(GroupNorm, num_groups=group_count(channels))
+    try:
+        grouped = _timm_model(name, num_classes, norm_layer)
+    except TypeError as error:
+        raise ValueError(f"norm 'group': timm cannot build {name!r} with another norm layer "
+                         f"({error}); use a ResNet or EfficientNet backbone") from error
+    if any(is_batchnorm(m) for m in grouped.modules()):
+        raise ValueError(f"norm 'group': timm builds {name!r} with BatchNorm layers that "
+                         "norm_layer does not reach; use a ResNet or EfficientNet backbone")
+    own = model.state_dict()
+    grouped.load_state_dict({key: own[key] for key in grouped.state_dict()})
+    return grouped
+
+
+class ScaledClassifier(nn.Linear):
+    """A linear classifier whose logits are multiplied by a fixed ``scale``.
+
+    LDAM (Cao et al. 2019) trains on logits scaled by s; with the scale inside the model its
+    probabilities are the ones it was trained to give, in every evaluation and in the exported
+    model. Same tensors as ``nn.Linear`` (the scale is not a weight: the model card holds it).
+    """
+
+    def __init__(self, in_features: int, out_features: int, scale: float,
+                 bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.scale = scale
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return super().forward(features) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scale={self.scale:g}"
+
+
+def scale_logits(model: nn.Module, scale: float) -> None:
+    """Replace ``model``'s linear classifier by a :class:`ScaledClassifier` with its weights."""
+    head = model.get_classifier()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"logit scale {scale:g} needs a linear classifier, got "
+                         f"{type(head).__name__}")
+    scaled = ScaledClassifier(head.in_features, head.out_features, scale,
+                              bias=head.bias is not None)
+    scaled.load_state_dict(head.state_dict())
+    model.set_submodule(model.default_cfg.get("classifier", "fc"), scaled)
 
 
 def _pretrained_state(name: str, pretrained: str) -> dict[str, torch.Tensor]:
@@ -116,18 +214,6 @@ def zero_classifier(model: nn.Module) -> None:
         nn.init.zeros_(head.weight)
         if head.bias is not None:
             nn.init.zeros_(head.bias)
-
-
-def batchnorm_to_groupnorm(module: nn.Module, max_groups: int = 32) -> nn.Module:
-    """Replace every ``BatchNorm2d`` by a ``GroupNorm`` over the same channels, in place."""
-    for child_name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            channels = child.num_features
-            groups = next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
-            setattr(module, child_name, nn.GroupNorm(groups, channels, affine=child.affine))
-        else:
-            batchnorm_to_groupnorm(child, max_groups)
-    return module
 
 
 def is_batchnorm(module: nn.Module) -> bool:

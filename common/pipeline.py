@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ from torch import nn
 from common.augment import build_augmenter
 from common.config import RunConfig
 from common.data import CentreData, CentreSpec, split_indices
-from common.losses import create_loss
+from common.losses import create_loss, logit_scale
+from common.methods import create_method
 from common.models import batchnorm_keys, create_model
 from common.train import (
     TrainSettings,
@@ -53,24 +55,33 @@ def centre_splits(data: CentreData, seed: int) -> dict[str, CentreData]:
 
 
 def new_model(config: RunConfig, num_classes: int) -> nn.Module:
-    """The configured backbone, seeded so every site and the server start identical."""
+    """The configured backbone, seeded so every site and the server start identical; its
+    logits carry the loss's scale (see ``common.losses.logit_scale``)."""
     torch.manual_seed(config.seed)
-    return create_model(config.model, num_classes, config.pretrained, config.norm)
+    return create_model(config.model, num_classes, config.pretrained, config.norm,
+                        logit_scale=logit_scale(config.loss))
+
+
+def round_seed(run_seed: int, server_round: int, site: str) -> int:
+    """The seed of ``site``'s local training in ``server_round``: every site and round draws
+    its own batches and augmentations, the same ones when the run is repeated."""
+    sequence = np.random.SeedSequence([run_seed, server_round, zlib.crc32(site.encode())])
+    return int(sequence.generate_state(1)[0])
 
 
 def fit(model: nn.Module, data: CentreData, config: RunConfig, class_counts: np.ndarray,
         progress: float, seed: int, images: torch.Tensor | None = None) -> dict[str, float]:
-    """Train ``model`` in place on ``data`` for ``config.local_epochs`` epochs.
+    """Train ``model`` in place on ``data`` for ``config.local_epochs`` epochs, with the
+    settings the run's method gives a local fit (see ``common.methods``).
 
     ``images``: ``data.images`` already placed by ``images_on_device`` (uploaded once by a
     caller that trains on the same data again); placed here when None.
     """
     device = resolve_device(config.device)
-    proximal_mu = config.proximal_mu if config.strategy == "fedprox" else 0.0
-    settings = TrainSettings(epochs=config.local_epochs, batch_size=config.batch_size,
-                             learning_rate=config.learning_rate,
-                             weight_decay=config.weight_decay, proximal_mu=proximal_mu, seed=seed,
-                             compile=config.compile)
+    settings = create_method(config).local_settings(TrainSettings(
+        epochs=config.local_epochs, batch_size=config.batch_size,
+        learning_rate=config.learning_rate, weight_decay=config.weight_decay, seed=seed,
+        compile=config.compile))
     loss_fn = create_loss(config.loss, class_counts, progress=min(max(progress, 0.0), 1.0))
     model = prepare_model(model, device)
     return train_local(model, _placed(data, images, device), data.labels, loss_fn,
@@ -98,9 +109,15 @@ def _placed(data: CentreData, images: torch.Tensor | None, device: torch.device)
 
 
 def uses_test_time_bn(config: RunConfig) -> bool:
-    """Whether held-out results include test-time BatchNorm adaptation (always under FedBN,
-    whose global model has no trained BatchNorm statistics of its own)."""
-    return config.test_time_bn or config.strategy == "fedbn"
+    """Whether the run's model is applied after test-time BatchNorm adaptation: asked for, or
+    always under a method that adapts (FedBN)."""
+    return config.test_time_bn or create_method(config).adapts_batchnorm_at_test
+
+
+def adapted_copy(model: nn.Module, images: torch.Tensor, config: RunConfig) -> nn.Module:
+    """A copy of ``model`` with BatchNorm statistics re-estimated on ``images`` (unlabelled)."""
+    device = resolve_device(config.device)
+    return adapt_batchnorm(prepare_model(copy.deepcopy(model), device), images, device)
 
 
 def score_held_out(model: nn.Module, data: CentreData, config: RunConfig,
@@ -112,10 +129,21 @@ def score_held_out(model: nn.Module, data: CentreData, config: RunConfig,
     Returns ``{"held_out": ..., "held_out_bn_adapted": ...}``; ``model`` is left unchanged;
     ``images`` as in :func:`fit`.
     """
-    device = resolve_device(config.device)
-    images = _placed(data, images, device)
+    images = _placed(data, images, resolve_device(config.device))
     adapted = None
     if uses_test_time_bn(config) and batchnorm_keys(model):
-        tuned = adapt_batchnorm(prepare_model(copy.deepcopy(model), device), images, device)
-        adapted = score(tuned, data, config, images)
+        adapted = score(adapted_copy(model, images, config), data, config, images)
     return {"held_out": score(model, data, config, images), "held_out_bn_adapted": adapted}
+
+
+def score_as_applied(model: nn.Module, data: CentreData, config: RunConfig,
+                     images: torch.Tensor | None = None) -> dict | None:
+    """Metrics of ``model`` on a site's split as the exported model is applied (after
+    BatchNorm adaptation on the split's images when the run adapts); None for an empty split.
+    ``model`` is left unchanged; ``images`` as in :func:`fit`."""
+    if len(data) == 0:
+        return None
+    images = _placed(data, images, resolve_device(config.device))
+    if uses_test_time_bn(config) and batchnorm_keys(model):
+        model = adapted_copy(model, images, config)
+    return score(model, data, config, images)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from common.losses import logit_scale
 from common.metrics import confident_share, uncertainty_threshold
 from common.modelcard import CARD_FILE, ModelCard, Preprocessing, write_model_card
 
@@ -24,7 +25,7 @@ def applied_held_out(result: dict) -> dict:
 
 
 def model_card(report: dict, taxonomy: str) -> ModelCard:
-    """The card of the best round's weights of a run report (see ``server.app.finalise``)."""
+    """The card of the best round's weights of a run report (see ``server.recorder``)."""
     config = report["config"]
     best = next(r for r in report["rounds"] if r["round"] == report["best"]["round"])
     validation = best["validation"]
@@ -41,6 +42,7 @@ def model_card(report: dict, taxonomy: str) -> ModelCard:
         preprocessing=Preprocessing(image_size=config["image-size"],
                                     field_of_view=config["field-of-view"]),
         weights=WEIGHTS_FILE, adapt_batchnorm=best.get("held_out_bn_adapted") is not None,
+        logit_scale=logit_scale(config["loss"]),
         training_centres=tuple(report["training_centres"]),
         held_out_centre=report["held_out_centre"],
         held_out_metrics={key: held_out[key] for key in HELD_OUT_KEYS},

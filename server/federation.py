@@ -2,19 +2,22 @@
 
 Flower's ``Strategy.start`` always begins at round 1; this loop drives the same strategy
 methods from any round so that a restarted ServerApp resumes after the last completed one,
-and it records who was sampled, who answered, who failed and whose update was rejected.
+and it records who was sampled, who answered, who failed and whose update was rejected. After
+the last round :func:`score_test_splits` has every site score the selected model on its test
+split.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from server.strategies import ValidatedUpdates
+from server.privacy import PrivateUpdates
+from server.recorder import RoundResult
+from server.strategies import MethodStrategy
 
 # Between pulls for replies, wait this share of the time waited so far, within POLL_BOUNDS
 # seconds: a reply waits at most ~1% of its phase to be noticed. (Flower's ``send_and_receive``
@@ -41,29 +44,6 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Me
         low, high = POLL_BOUNDS
         time.sleep(min(max(waited * POLL_SHARE, low), high, timeout - waited))
     return replies
-
-
-@dataclass
-class RoundResult:
-    """What one round produced; ``held_out`` holds the server-side held-out metrics and
-    ``held_out_bn_adapted`` those after test-time BatchNorm adaptation (None when not run)."""
-
-    round: int
-    train: dict[str, float]
-    validation: dict[str, float]
-    held_out: dict
-    seconds: float
-    sampled: int
-    replied: int
-    clients: list[dict] = field(default_factory=list)
-    dropped: list[dict] = field(default_factory=list)
-    rejected: list[dict] = field(default_factory=list)
-    held_out_bn_adapted: dict | None = None
-    site_eval_seconds: list[float] = field(default_factory=list)  # each site's validation
-    held_out_seconds: float = 0.0  # the server's held-out evaluation
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
 
 
 def _failures(sent: list[Message], replies: list[Message]) -> list[dict]:
@@ -95,7 +75,8 @@ def client_reports(replies: list[Message]) -> list[dict]:
 
 
 def merge_arrays(previous: ArrayRecord, update: ArrayRecord | None) -> ArrayRecord:
-    """The previous global arrays overwritten by the aggregated ones (FedBN leaves BN as is)."""
+    """The previous global arrays overwritten by the aggregated ones (tensors that no site
+    sends keep their values)."""
     if update is None:
         return previous
     merged = ArrayRecord()
@@ -104,12 +85,18 @@ def merge_arrays(previous: ArrayRecord, update: ArrayRecord | None) -> ArrayReco
     return merged
 
 
-def run_rounds(strategy: ValidatedUpdates, grid: Grid, arrays: ArrayRecord, first_round: int,
-               num_rounds: int, train_config: ConfigRecord,
+def run_rounds(strategy: MethodStrategy | PrivateUpdates, grid: Grid, arrays: ArrayRecord,
+               first_round: int, num_rounds: int, train_config: ConfigRecord,
+               global_model: Callable[[ArrayRecord], ArrayRecord],
                evaluate_held_out: Callable[[int, ArrayRecord], dict[str, dict | None]],
-               on_round_end: Callable[[RoundResult, ArrayRecord], None],
+               on_round_end: Callable[[RoundResult, ArrayRecord, ArrayRecord], None],
                timeout: float) -> ArrayRecord:
-    """Run rounds ``first_round..num_rounds``; ``on_round_end`` persists each completed round."""
+    """Run rounds ``first_round..num_rounds``; returns the weights the last round trained.
+
+    Each round the sites train from ``arrays``; the aggregate is the next ``arrays``, and
+    ``global_model`` of it is what the sites validate and the server scores on the held-out
+    centre. ``on_round_end(result, arrays, global)`` persists each completed round.
+    """
     for server_round in range(first_round, num_rounds + 1):
         started = time.perf_counter()
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
@@ -118,11 +105,13 @@ def run_rounds(strategy: ValidatedUpdates, grid: Grid, arrays: ArrayRecord, firs
         clients = client_reports(replies)
         aggregated, train_metrics = strategy.aggregate_train(server_round, replies)
         arrays = merge_arrays(arrays, aggregated)
+        exported = global_model(arrays)
         evaluations = exchange(
-            grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout)
+            grid, strategy.configure_evaluate(server_round, exported, ConfigRecord(), grid),
+            timeout)
         validation = strategy.aggregate_evaluate(server_round, evaluations)
         held_out_started = time.perf_counter()
-        held_out = evaluate_held_out(server_round, arrays)
+        held_out = evaluate_held_out(server_round, exported)
         finished = time.perf_counter()
         result = RoundResult(
             round=server_round, train=_plain(train_metrics), validation=_plain(validation),
@@ -132,8 +121,19 @@ def run_rounds(strategy: ValidatedUpdates, grid: Grid, arrays: ArrayRecord, firs
             site_eval_seconds=[m.content["metrics"]["eval_seconds"] for m in evaluations
                                if not m.has_error() and "eval_seconds" in m.content["metrics"]],
             held_out_seconds=finished - held_out_started)
-        on_round_end(result, arrays)
+        on_round_end(result, arrays, exported)
     return arrays
+
+
+def score_test_splits(strategy: MethodStrategy | PrivateUpdates, grid: Grid,
+                      arrays: ArrayRecord, server_round: int, timeout: float) -> list[dict]:
+    """Each answering site's report on its test split for the weights ``arrays`` (aggregate
+    counts only, see ``common.selection.site_report``), with its centre's name."""
+    messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord({"split": "test"}),
+                                           grid)
+    return [{"centre": m.content.config_records.get("site", {}).get("centre", "?"),
+             **dict(m.content["metrics"])}
+            for m in exchange(grid, messages, timeout) if not m.has_error()]
 
 
 def _plain(record: MetricRecord | None) -> dict[str, float]:

@@ -29,9 +29,9 @@ from flwr.serverapp import (
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
 from common.config import ConfigError, RunConfig
-from server.strategies import ValidatedUpdates
+from common.methods import METHODS
+from server.strategies import MethodStrategy
 
-PRIVATE_STRATEGIES = ("fedavg", "fedprox")
 ACCOUNTING = ("RDP (Flower RdpAccountant), client-level add-or-remove-one neighbours, "
               "no subsampling amplification")
 
@@ -39,7 +39,7 @@ ACCOUNTING = ("RDP (Flower RdpAccountant), client-level add-or-remove-one neighb
 class PrivateUpdates(DifferentialPrivacyClientSideFixedClipping):
     """A validated strategy whose aggregate is noised and whose privacy loss is accounted."""
 
-    def __init__(self, strategy: ValidatedUpdates, config: RunConfig, num_sites: int) -> None:
+    def __init__(self, strategy: MethodStrategy, config: RunConfig, num_sites: int) -> None:
         super().__init__(strategy, config.dp_noise_multiplier, config.dp_clipping_norm,
                          num_sites)
         self.delta = config.dp_delta
@@ -90,17 +90,18 @@ class PrivateUpdates(DifferentialPrivacyClientSideFixedClipping):
                 "epsilon": spent.epsilon if spent else 0.0, "delta": self.delta}
 
 
-def private_updates(strategy: ValidatedUpdates, config: RunConfig,
+def private_updates(strategy: MethodStrategy, config: RunConfig,
                     num_sites: int) -> PrivateUpdates | None:
     """``strategy`` wrapped for differential privacy, or None when ``dp-noise-multiplier`` is 0.
 
-    Raises ConfigError when the run's strategy or wire precision cannot be made private.
+    Raises ConfigError when the run's method or wire precision cannot be made private.
     """
     if config.dp_noise_multiplier == 0:
         return None
-    if config.strategy not in PRIVATE_STRATEGIES:
+    if not strategy.method.allows_central_dp:
+        private = [name for name, method in METHODS.items() if method.allows_central_dp]
         raise ConfigError("dp-noise-multiplier", f"0 with strategy {config.strategy!r} "
-                          f"(differential privacy needs one of {PRIVATE_STRATEGIES})",
+                          f"(differential privacy needs one of {private})",
                           config.dp_noise_multiplier)
     if config.wire_precision != "fp32":
         raise ConfigError("dp-noise-multiplier", f"0 with wire-precision "

@@ -1,11 +1,12 @@
 """The run report: report.json, report.md, a self-contained report.html and the figures.
 
-Sections: held-out results (macro-F1, balanced accuracy, per-class F1, confusion matrix), F1
-over rounds, calibration (ECE, reliability diagram, the exported model's ``uncertain``
-threshold), each centre's class counts as its site reported them (aggregates only), dropped or
-rejected clients, the exported model and the run config. ``cytofed report RUN_DIR...``
-rewrites them from report.json and, given several runs or a LOCO sweep folder, compares them
-(see ``server.comparison``).
+Sections: held-out results (macro-F1, balanced accuracy, per-class F1, confusion matrix), the
+selected model in distribution (the training centres' test splits) against the held-out centre
+(the ID-vs-OOD gap), F1 over rounds, calibration (ECE, reliability diagram, the exported
+model's ``uncertain`` threshold), each centre's class counts as its site reported them
+(aggregates only), dropped or rejected clients, the exported model and the run config.
+``cytofed report RUN_DIR...`` rewrites them from report.json and, given several runs or a LOCO
+sweep folder, compares them (see ``server.comparison``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from server.comparison import read_loco_rows, render_comparison, rows_from_reports
+from server.export import applied_held_out
 from server.html_report import (
     Document,
     Plot,
@@ -125,14 +127,53 @@ def _held_out_section(report: dict, run_dir: Path) -> Section:
         f"Every image of {report['held_out_centre']}, a centre that never trained, scored by "
         "the server. Macro-F1 and balanced accuracy weigh rare cells like common ones. The "
         f"best round is chosen by the {best['selected_by']}, never by held-out labels."]
-    if report["config"]["strategy"] == "fedbn":
-        paragraphs.append("FedBN: BatchNorm stays at the sites, so the plain held-out columns "
-                          "use the averaged weights with the initial BatchNorm; the BN-adapted "
-                          "columns are the meaningful ones.")
     return Section(f"Held-out centre {report['held_out_centre']}", tuple(paragraphs),
                    (metrics, per_class),
                    (Plot(run_dir / "confusion_matrix.png", "confusion matrix, final round"),
                     Plot(run_dir / "per_class_f1.png", "per-class F1, final round")))
+
+
+def plot_id_vs_ood(report: dict, path: Path) -> Path:
+    """Macro-F1 of the selected model on each training centre's test split, on all of them
+    together and on the held-out centre."""
+    best = report["best"]
+    tested = best["in_distribution_test"]
+    labels = [*(site["centre"] for site in tested["sites"]), "training centres\n(test splits)",
+              f"{report['held_out_centre']}\n(held out)"]
+    values = [*(site["macro_f1"] for site in tested["sites"]), tested["macro_f1"],
+              applied_held_out(best)["macro_f1"]]
+    colours = ["tab:blue"] * len(tested["sites"]) + ["tab:green", "tab:red"]
+    fig, ax = new_axes(max(4.0, 1.1 * len(labels) + 1), 3.5)
+    ax.bar(labels, values, color=colours)
+    ax.set(ylim=(0, 1.02), ylabel="macro-F1",
+           title=f"Selected round {best['round']}: in distribution vs held out "
+                 f"(gap {best['id_ood_gap']:.3f})")
+    ax.tick_params(axis="x", labelsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def _in_distribution_section(report: dict, run_dir: Path) -> Section:
+    best = report["best"]
+    tested = best["in_distribution_test"]
+    held_out = applied_held_out(best)
+    rows = [(f"{site['centre']} (test split)", str(site["num_examples"]),
+             fmt(site["macro_f1"]), "", "") for site in tested["sites"]]
+    rows += [("training centres' test splits, summed", str(tested["num_examples"]),
+              fmt(tested["macro_f1"]), fmt(tested["balanced_accuracy"]), fmt(tested["accuracy"])),
+             (f"{report['held_out_centre']} (held out)", str(held_out["num_examples"]),
+              fmt(held_out["macro_f1"]), fmt(held_out["balanced_accuracy"]),
+              fmt(held_out["accuracy"])),
+             ("gap (in distribution - held out)", "", fmt(best["id_ood_gap"]), "", "")]
+    adapted = (" Both after test-time BatchNorm adaptation on the scored images, as the "
+               "exported model is applied." if best.get("held_out_bn_adapted") else "")
+    return Section(
+        "In distribution vs held out",
+        (f"The exported model (round {best['round']}) scored by every training site on its own "
+         "test split, which never trained nor chose the round; the sites send confusion counts "
+         "only. The gap to the held-out centre is what a new clinic loses." + adapted,),
+        (Table(("scored on", "images", "macro-F1", "balanced accuracy", "accuracy"), rows),),
+        (Plot(run_dir / "id_vs_ood.png", "macro-F1 in distribution and held out"),))
 
 
 def _rounds_section(report: dict, run_dir: Path) -> Section:
@@ -193,7 +234,7 @@ def _centres_section(report: dict) -> Section:
 
 
 def _clients_section(report: dict) -> Section:
-    centre_of = {c["node_id"]: c.get("centre", "?")
+    centre_of = {c.get("node_id"): c.get("centre", "?")
                  for r in report["rounds"] for c in r.get("clients", [])}
     rows = [(str(r["round"]), kind, str(item["node_id"]), centre_of.get(item["node_id"], "?"),
              item["reason"])
@@ -248,6 +289,8 @@ def run_document(report: dict, run_dir: Path) -> Document:
                   ("calibration error", fmt(final["ece"])),
                   (f"best round ({report['best']['round']}) macro-F1",
                    fmt(report["best"]["held_out"]["macro_f1"]))]
+    if report["best"].get("in_distribution_test"):
+        highlights.append(("ID - held-out gap", fmt(report["best"]["id_ood_gap"])))
     threshold = (report.get("model") or {}).get("uncertainty")
     if threshold:
         highlights.append(("uncertain below", f"{threshold['threshold']:.2f}"))
@@ -260,7 +303,10 @@ def run_document(report: dict, run_dir: Path) -> Document:
                 f"{len(report['rounds'])} rounds.")
     return Document(
         f"cytofed run {Path(report['run_dir']).name}", subtitle,
-        [_held_out_section(report, run_dir), _rounds_section(report, run_dir),
+        [_held_out_section(report, run_dir),
+         *([_in_distribution_section(report, run_dir)]
+           if report["best"].get("in_distribution_test") else []),
+         _rounds_section(report, run_dir),
          _calibration_section(report, run_dir), _centres_section(report),
          _clients_section(report),
          *([_privacy_section(report)] if report.get("privacy") else []),
@@ -278,6 +324,8 @@ def write_report(run_dir: Path, report: dict) -> Path:
     plot_per_class_f1(final["per_class_f1"], run_dir / "per_class_f1.png")
     if "reliability" in final:
         plot_reliability(final["reliability"], final["ece"], run_dir / "reliability.png")
+    if report["best"].get("in_distribution_test"):
+        plot_id_vs_ood(report, run_dir / "id_vs_ood.png")
     write_document(run_document(report, run_dir), run_dir, "report")
     path = run_dir / "report.json"
     path.write_text(json.dumps(report, indent=2))

@@ -1,21 +1,28 @@
-"""Federated strategies: Flower's message-API strategies behind update validation.
+"""The one Flower strategy: Flower's FedAvg messaging, replies validated, aggregation by the method.
 
-Every strategy is one small class (a Flower strategy plus :class:`ValidatedUpdates`) and one
-line in :data:`STRATEGIES`. Before aggregation each training reply is decoded from its wire
-precision and checked: non-finite values, unknown or missing keys, wrong shapes, and an update
-norm far above the round's median are rejected and recorded in ``rejected``.
+Every method of ``common.methods`` runs through :class:`MethodStrategy`: Flower's ``FedAvg``
+samples the sites and builds the train and evaluate messages; before aggregation each training
+reply is decoded from its wire precision and checked (non-finite values, unknown or missing
+keys, wrong shapes, a missing or non-positive ``num-examples``, and an update norm far above
+the round's median are rejected and recorded in ``rejected``); the accepted updates are then
+aggregated by the method (numpy over named arrays). Validation replies are pooled by
+``common.selection.combine_site_reports`` (confusion counts summed). Flower's
+``DifferentialPrivacyClientSideFixedClipping`` wraps it as any Flower strategy
+(``server.privacy``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
+from flwr.serverapp.strategy import FedAvg
 
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
+from common.methods import Method
+from common.selection import WEIGHT_KEY, combine_site_reports, usable_reports
 from common.weights import from_wire
 
 # An update whose distance to the global model exceeds this multiple of the round's median
@@ -58,103 +65,89 @@ def update_distance(update: dict[str, np.ndarray], reference: dict[str, np.ndarr
     return float(np.sqrt(total))
 
 
-class ValidatedUpdates:
-    """Mixin for a Flower strategy: decode and validate training replies before aggregating."""
+class MethodStrategy(FedAvg):
+    """Flower's FedAvg sampling and messages for any method: training replies are validated,
+    then aggregated by ``method`` over the tensors its sites send (``sent_keys``)."""
 
-    wire_precision: str = "fp32"
-    local_keys: frozenset[str] = frozenset()  # tensors that never leave a site (FedBN)
+    def __init__(self, method: Method, config: RunConfig, sent_keys: Iterable[str]) -> None:
+        nodes = config.min_train_nodes
+        super().__init__(min_train_nodes=nodes, min_evaluate_nodes=nodes,
+                         min_available_nodes=nodes, weighted_by_key=WEIGHT_KEY)
+        self.method = method
+        self.wire_precision = config.wire_precision
+        self.sent_keys = frozenset(sent_keys)
+        self.rejected: list[dict] = []
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.global_state = {k: v for k, v in record_to_state(arrays).items()
-                             if k not in self.local_keys}
-        self.rejected: list[dict] = []
-        self.sampled = []
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        self.sampled = [m.metadata.dst_node_id for m in messages]
-        return messages
+                             if k in self.sent_keys}
+        self.rejected = []
+        return super().configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
-        decoded = [(m, self._decoded(m)) for m in replies if not m.has_error()]
+    def aggregate_train(self, server_round: int, replies: Iterable[Message],
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The method's aggregate of the accepted updates (None when none is accepted) and
+        the training metrics averaged over them by images."""
+        accepted = self._accepted([m for m in replies if not m.has_error()])
+        if not accepted:
+            return None, None
+        weights = [float(message.content["metrics"][WEIGHT_KEY]) for message, _ in accepted]
+        aggregated = self.method.aggregate([state for _, state in accepted], weights,
+                                           self.global_state, server_round)
+        arrays = state_to_record({key: np.asarray(value, dtype=self.global_state[key].dtype)
+                                  for key, value in aggregated.items()})
+        metrics = self.train_metrics_aggr_fn([m.content for m, _ in accepted], WEIGHT_KEY)
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int,
+                           replies: Iterable[Message]) -> MetricRecord | None:
+        """The sites' usable reports pooled (see ``common.selection``)."""
+        reports = usable_reports([dict(m.content["metrics"]) for m in replies
+                                  if not m.has_error() and "metrics" in m.content.metric_records])
+        return MetricRecord(combine_site_reports(reports)) if reports else None
+
+    def _accepted(self, replies: list[Message]) -> list[tuple[Message, dict[str, np.ndarray]]]:
+        """Replies whose update passes every check, with their decoded tensors."""
         candidates = []
-        for message, state in decoded:
-            problem = update_problem(state, self.global_state)
+        for message in replies:
+            problem = reply_problem(message.content)
+            if problem is None:
+                state = from_wire(record_to_state(message.content["arrays"]),
+                                  self.wire_precision)
+                problem = update_problem(state, self.global_state)
             if problem:
                 self._reject(message, problem)
             else:
                 candidates.append((message, state))
         distances = [update_distance(state, self.global_state) for _, state in candidates]
-        if len(candidates) >= 3:
-            limit = NORM_OUTLIER_FACTOR * max(float(np.median(distances)), 1e-12)
-            keep = [d <= limit for d in distances]
-            for (message, _), distance, ok in zip(candidates, distances, keep, strict=True):
-                if not ok:
-                    self._reject(message, f"update norm {distance:.3g} is more than "
-                                          f"{NORM_OUTLIER_FACTOR:g}x the round median")
-            candidates = [c for c, ok in zip(candidates, keep, strict=True) if ok]
-        accepted = []
-        for message, state in candidates:
-            # Flower's aggregation reads one ArrayRecord and one MetricRecord; fp32 updates
-            # are passed on as received, half-precision ones re-encoded in fp32.
-            arrays = (message.content["arrays"] if self.wire_precision == "fp32"
-                      else state_to_record(state))
-            message.content = RecordDict({"arrays": arrays,
-                                          "metrics": message.content["metrics"]})
-            accepted.append(message)
-        errors = [m for m in replies if m.has_error()]
-        return super().aggregate_train(server_round, accepted + errors)
-
-    def _decoded(self, message: Message) -> dict[str, np.ndarray]:
-        return from_wire(record_to_state(message.content["arrays"]), self.wire_precision)
+        if len(candidates) < 3:
+            return candidates
+        limit = NORM_OUTLIER_FACTOR * max(float(np.median(distances)), 1e-12)
+        for (message, _), distance in zip(candidates, distances, strict=True):
+            if distance > limit:
+                self._reject(message, f"update norm {distance:.3g} is more than "
+                                      f"{NORM_OUTLIER_FACTOR:g}x the round median")
+        return [c for c, d in zip(candidates, distances, strict=True) if d <= limit]
 
     def _reject(self, message: Message, reason: str) -> None:
         self.rejected.append({"node_id": message.metadata.src_node_id, "reason": reason})
 
 
-class ValidatedFedAvg(ValidatedUpdates, FedAvg):
-    """FedAvg (McMahan et al. 2017)."""
+def reply_problem(content: RecordDict) -> str | None:
+    """Why a training reply carries no usable update and weight, or None."""
+    if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+        return "the reply lacks its 'arrays' or 'metrics' record"
+    weight = content["metrics"].get(WEIGHT_KEY)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
+        return f"{WEIGHT_KEY} must be a positive number, got {weight!r}"
+    return None
 
 
-class ValidatedFedProx(ValidatedUpdates, FedProx):
-    """FedProx (Li et al. 2020): FedAvg plus the client-side proximal term."""
-
-
-class ValidatedFedAdam(ValidatedUpdates, FedAdam):
-    """FedAdam (Reddi et al. 2021): server-side Adam on the averaged update."""
-
-
-class ValidatedFedMedian(ValidatedUpdates, FedMedian):
-    """Coordinate-wise median (Yin et al. 2018), robust to a minority of bad updates."""
-
-
-class ValidatedFedTrimmedAvg(ValidatedUpdates, FedTrimmedAvg):
-    """Coordinate-wise trimmed mean (Yin et al. 2018)."""
-
-
-def _common(config: RunConfig) -> dict:
-    n = config.min_train_nodes
-    return {"min_train_nodes": n, "min_evaluate_nodes": n, "min_available_nodes": n}
-
-
-# Strategy name -> factory from the run config. FedBN is FedAvg whose clients keep BatchNorm.
-STRATEGIES: dict[str, Callable[[RunConfig], ValidatedUpdates]] = {
-    "fedavg": lambda c: ValidatedFedAvg(**_common(c)),
-    "fedbn": lambda c: ValidatedFedAvg(**_common(c)),
-    "fedprox": lambda c: ValidatedFedProx(proximal_mu=c.proximal_mu, **_common(c)),
-    "fedadam": lambda c: ValidatedFedAdam(eta=c.server_learning_rate, **_common(c)),
-    "fedmedian": lambda c: ValidatedFedMedian(**_common(c)),
-    "fedtrimmedavg": lambda c: ValidatedFedTrimmedAvg(beta=c.trim_fraction, **_common(c)),
-}
-
-
-def create_strategy(config: RunConfig, batchnorm: set[str]) -> ValidatedUpdates:
-    """The configured strategy, decoding updates sent in ``config.wire_precision``.
-
-    ``batchnorm`` names the model's BatchNorm tensors, which stay local under FedBN.
-    """
-    strategy = STRATEGIES[config.strategy](config)
-    strategy.wire_precision = config.wire_precision
-    if config.strategy == "fedbn":
-        strategy.local_keys = frozenset(batchnorm)
-    return strategy
+def create_strategy(config: RunConfig, method: Method, sent_keys: Iterable[str],
+                    ) -> MethodStrategy:
+    """The strategy of a federated ``method``; refuses a method that is not federated."""
+    if not method.federated:
+        raise ConfigError("strategy", "a federated method (pooled and local train in one "
+                          "place: run them with `cytofed loco --strategies`)", config.strategy)
+    return MethodStrategy(method, config, sent_keys)

@@ -1,13 +1,14 @@
 """Leave-one-centre-out benchmark: ``cytofed loco``.
 
 Every centre of a centres file is held out in turn. For each held-out centre, method, loss and
-seed one run: a federated strategy on Flower's simulation engine (one SuperNode per training
-centre, no image leaves its site), or a centralised baseline of :mod:`common.baselines`
-(``pooled``, ``local``). Pooled ERM with cross-entropy is always in the table. Every run is
-scored at the round chosen by the training centres' validation macro-F1, never by the held-out
-centre's labels. ``DIR/loco.json`` holds a header (command, machine, date, recipe, selection
-rule) and one row per held-out centre x method x loss; ``DIR/loco.md`` renders it. Finished
-runs are kept in ``DIR/runs/`` and reused when the sweep is run again with the same settings.
+seed one run of a method of ``common.methods``: a federated one on Flower's simulation engine
+(one SuperNode per training centre, no image leaves its site), or a centralised reference of
+:mod:`simulations.baselines` (``pooled``, ``local``), which writes the same run directory.
+Pooled ERM with cross-entropy is always in the table. Every run is scored at the round chosen
+by one rule (``common.selection.best_round``), never by the held-out centre's labels.
+``DIR/loco.json`` holds a header (command, machine, date, recipe, selection rule) and one row
+per held-out centre x method x loss; ``DIR/loco.md`` renders it. Finished runs are kept in
+``DIR/runs/`` and reused when the sweep is run again with the same settings.
 """
 
 from __future__ import annotations
@@ -29,23 +30,16 @@ from typing import Any
 
 import numpy as np
 
-from common.baselines import BASELINES
-from common.config import (
-    STRATEGIES,
-    RunConfig,
-    parse_run_config,
-    resolve_centres,
-    training_centres,
-)
+from common.config import RunConfig, parse_run_config, resolve_centres, training_centres
 from common.data import CentreSpec
+from common.methods import METHODS
+from common.selection import SELECTED_BY
 from common.train import resolve_device
 
 REFERENCE = ("pooled", "ce")  # pooled ERM with cross-entropy: the row every method is compared to
-SELECTION = ("checkpoint: the round with the best validation macro-F1 of the training centres "
-             "(sites' validation splits; a local model its own centre's), never the held-out "
-             "centre's labels; hyper-parameters: the command's recipe, fixed before the sweep")
-FEDBN_NOTE = ("FedBN keeps BatchNorm at the sites: its plain rows use the averaged weights with "
-              "the initial BatchNorm, its BN-adapted rows are the meaningful ones.")
+SELECTION = (f"checkpoint: the round with the best {SELECTED_BY} (a pooled model's centres, a "
+             "local model's own centre), never the held-out centre's labels; hyper-parameters: "
+             "the command's recipe, fixed before the sweep")
 
 
 @dataclass(frozen=True)
@@ -76,8 +70,7 @@ def run_overrides(run: Run, recipe: dict[str, Any], reference: dict[str, Any],
     pooled cross-entropy reference) plus what identifies the run."""
     if (run.method, run.loss) == REFERENCE:
         recipe = {**recipe, **reference}
-    strategy = run.method if run.method in STRATEGIES else recipe.get("strategy", "fedavg")
-    return {**recipe, "held-out": run.held_out, "strategy": strategy, "loss": run.loss,
+    return {**recipe, "held-out": run.held_out, "strategy": run.method, "loss": run.loss,
             "seed": run.seed, "run-name": run.name, "output-dir": str(out / "runs")}
 
 
@@ -107,19 +100,6 @@ def run_federated(overrides: dict[str, Any], supernodes: int) -> list[Path]:
     return [report]
 
 
-def run_baseline(method: str, overrides: dict[str, Any]) -> list[Path]:
-    """A centralised baseline; one report.json per trained model under ``runs/<name>[-<c>]/``."""
-    config = parse_run_config(overrides)
-    paths = []
-    for report in BASELINES[method](config):
-        suffix = f"-{report['training_centres'][0]}" if method == "local" else ""
-        path = Path(config.output_dir) / f"{config.run_name}{suffix}" / "report.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**report, "method": method}, indent=2))
-        paths.append(path)
-    return paths
-
-
 def execute(run: Run, overrides: dict[str, Any], supernodes: int, out: Path) -> list[Path]:
     """The reports of ``run``: reused from an earlier sweep with the same config, else trained."""
     record = out / "runs" / f"{run.name}.json"
@@ -127,10 +107,12 @@ def execute(run: Run, overrides: dict[str, Any], supernodes: int, out: Path) -> 
         previous = json.loads(record.read_text())
         if previous["overrides"] == overrides and all(map(os.path.isfile, previous["reports"])):
             return [Path(p) for p in previous["reports"]]
-    if run.method in BASELINES:
-        reports = run_baseline(run.method, overrides)
-    else:
+    if METHODS[run.method].federated:
         reports = run_federated(overrides, supernodes)
+    else:
+        from simulations.baselines import run_centralised
+
+        reports = run_centralised(parse_run_config(overrides))
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"overrides": overrides, "reports": [str(p) for p in reports]}))
     return reports
@@ -161,17 +143,27 @@ def executed(runs: list[Run], overrides: dict[Run, dict[str, Any]], supernodes: 
 
 
 def selected_results(run: Run, reports: list[Path]) -> dict[str, dict]:
-    """Method label -> {"held_out", "held_out_bn_adapted"} at the selected round.
+    """Method label -> the report's ``best`` entry ({"held_out", "held_out_bn_adapted",
+    "in_distribution_test", "id_ood_gap"}, the last two None in reports that lack them).
 
-    A local baseline gives one label per training centre and ``local``, their mean.
+    A model per training centre (``local``) gives one label per centre and the method's, their
+    mean.
     """
-    bests = {p: json.loads(p.read_text()) for p in reports}
-    if run.method != "local":
-        return {run.method: next(iter(bests.values()))["best"]}
-    per_centre = {f"local:{r['training_centres'][0]}": r["best"] for r in bests.values()}
-    mean = {key: _mean_metrics([b[key] for b in per_centre.values()])
-            for key in ("held_out", "held_out_bn_adapted")}
-    return {"local": mean, **per_centre}
+    loaded = [json.loads(p.read_text()) for p in reports]
+    bests = [{"in_distribution_test": None, "id_ood_gap": None, **r["best"]} for r in loaded]
+    if len(reports) == 1:
+        return {run.method: bests[0]}
+    per_centre = {f"{run.method}:{'+'.join(r['training_centres'])}": b
+                  for r, b in zip(loaded, bests, strict=True)}
+    mean = {key: _mean_metrics([b[key] for b in bests])
+            for key in ("held_out", "held_out_bn_adapted", "in_distribution_test")}
+    return {run.method: {**mean, "id_ood_gap": _mean_or_none([b["id_ood_gap"] for b in bests])},
+            **per_centre}
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    """The mean of ``values``, or None when one is missing."""
+    return float(np.mean(values)) if values and None not in values else None
 
 
 def _mean_metrics(results: list[dict | None]) -> dict | None:
@@ -212,6 +204,10 @@ def summarise(results: list[tuple[Run, dict[str, dict], list[Path]]]) -> list[di
             "per_class_f1": _mean_per_class([r["per_class_f1"] for r in plain]),
             "bn_adapted_macro_f1_mean": (float(np.mean([r["macro_f1"] for r in adapted]))
                                          if all(adapted) else None),
+            "id_test_macro_f1_mean": _mean_or_none([
+                m["in_distribution_test"]["macro_f1"] if m["in_distribution_test"] else None
+                for m, _ in members]),
+            "id_ood_gap_mean": _mean_or_none([m["id_ood_gap"] for m, _ in members]),
             "seeds": len(members),
             "run_dirs": sorted({str(p.parent) for _, paths in members for p in paths}),
         })
@@ -252,43 +248,45 @@ def render_markdown(header: dict, rows: list[dict]) -> str:
                                           if header["reference"] else "the same recipe"), "",
              "Macro-F1, balanced accuracy and per-class F1 on the held-out centre, in points "
              "(mean ± std over seeds). BN-adapted: after test-time BatchNorm adaptation on the "
-             "held-out centre's unlabelled images, reported apart from the plain results."]
-    if any(r["method"] == "fedbn" for r in rows):
-        lines += ["", FEDBN_NOTE]
+             "held-out centre's unlabelled images, reported apart from the plain results. "
+             "ID test: the selected model on the training centres' own test splits (summed "
+             "confusion counts); gap: ID test minus held-out macro-F1 as the model is applied."]
     classes = list(rows[0]["per_class_f1"]) if rows else []
     for held_out in dict.fromkeys(r["held_out"] for r in rows):
         lines += ["", f"## Held-out centre: {held_out}", "",
                   "| method | loss | macro-F1 | BN-adapted macro-F1 | balanced acc. | "
-                  + " | ".join(f"F1 {c}" for c in classes) + " | seeds |",
-                  "|---|---|---|---|---|" + "---|" * len(classes) + "---|"]
+                  + " | ".join(f"F1 {c}" for c in classes) + " | ID test macro-F1 | gap | seeds |",
+                  "|---|---|---|---|---|" + "---|" * len(classes) + "---|---|---|"]
         for r in (r for r in rows if r["held_out"] == held_out):
             lines.append(
                 f"| {r['method']} | {r['loss']} | {_points(r['macro_f1_mean'])} ± "
                 f"{_points(r['macro_f1_std'])} | {_points(r['bn_adapted_macro_f1_mean'])} | "
                 f"{_points(r['balanced_accuracy_mean'])} | "
                 + " | ".join(_points(r["per_class_f1"][c]) for c in classes)
-                + f" | {r['seeds']} |")
+                + f" | {_points(r.get('id_test_macro_f1_mean'))} | "
+                f"{_points(r.get('id_ood_gap_mean'))} | {r['seeds']} |")
     lines += ["", "## Mean over held-out centres", "",
-              "| method | loss | macro-F1 | vs pooled CE | lowest centre | BN-adapted macro-F1 |",
-              "|---|---|---|---|---|---|"]
+              "| method | loss | macro-F1 | vs pooled CE | lowest centre | BN-adapted macro-F1 "
+              "| ID test macro-F1 | gap |",
+              "|---|---|---|---|---|---|---|---|"]
     reference = _mean_over_centres(rows, *REFERENCE, "macro_f1_mean")
     centres = {r["held_out"] for r in rows}
     pairs = [(m, loss) for m, loss in dict.fromkeys((r["method"], r["loss"]) for r in rows)
              if {r["held_out"] for r in rows if (r["method"], r["loss"]) == (m, loss)} == centres]
     for method, loss in pairs:  # one local model per centre exists for only some held-out ones
         mean = _mean_over_centres(rows, method, loss, "macro_f1_mean")
-        adapted = _mean_over_centres(rows, method, loss, "bn_adapted_macro_f1_mean")
+        adapted, tested, gap = (_mean_over_centres(rows, method, loss, key) for key in (
+            "bn_adapted_macro_f1_mean", "id_test_macro_f1_mean", "id_ood_gap_mean"))
         lowest = min(r["macro_f1_mean"] for r in rows
                      if (r["method"], r["loss"]) == (method, loss))
         gain = f"{100 * (mean - reference):+.1f}" if reference is not None else "n/a"
         lines.append(f"| {method} | {loss} | {_points(mean)} | {gain} | {_points(lowest)} | "
-                     f"{_points(adapted)} |")
+                     f"{_points(adapted)} | {_points(tested)} | {_points(gap)} |")
     return "\n".join(lines) + "\n"
 
 
 def _mean_over_centres(rows: list[dict], method: str, loss: str, key: str) -> float | None:
-    values = [r[key] for r in rows if (r["method"], r["loss"]) == (method, loss)]
-    return float(np.mean(values)) if values and all(v is not None for v in values) else None
+    return _mean_or_none([r.get(key) for r in rows if (r["method"], r["loss"]) == (method, loss)])
 
 
 def _names(text: str) -> list[str]:
@@ -335,10 +333,9 @@ def run_loco(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     recipe = _recipe(args)
     methods, losses = _names(args.strategies), _names(args.losses)
-    unknown = [m for m in methods if m not in STRATEGIES and m not in BASELINES]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown method {unknown[0]!r}; known: {', '.join(STRATEGIES)}, "
-                         f"{', '.join(BASELINES)}")
+        raise ValueError(f"unknown method {unknown[0]!r}; known: {', '.join(METHODS)}")
     if args.seeds < 1 or args.jobs < 1:
         raise ValueError("--seeds and --jobs must be at least 1")
     centres = read_centres(Path(args.centres))
@@ -378,8 +375,7 @@ def register_loco_command(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--centres", required=True, help="centres TOML file ([[centre]] list)")
     parser.add_argument("--held-out", default="all", help="'all' or comma-separated centres")
     parser.add_argument("--strategies", default="fedavg",
-                        help=f"comma-separated methods: {', '.join(STRATEGIES)}, "
-                             f"{', '.join(BASELINES)}")
+                        help=f"comma-separated methods: {', '.join(METHODS)}")
     parser.add_argument("--losses", default="ce", help="comma-separated losses")
     parser.add_argument("--model", default="resnet10t", help="timm backbone")
     parser.add_argument("--image-size", type=int, default=48)

@@ -2,6 +2,7 @@
 
 Real-data layer (``common.sources``, ``centres``, ``imagecache``, ``inspect``): small, really
 encoded cell-like images and a generic class-per-folder layout written into ``tmp_path``.
+Flower messages: ``server_task`` creates them as a ServerApp task would.
 """
 
 from __future__ import annotations
@@ -62,3 +63,12 @@ def tiny_centre(tmp_path: Path, wbc_class_folders: Path, monkeypatch) -> list[st
     toml = tmp_path / "centre.toml"
     toml.write_text(f'name = "tiny"\npath = "{wbc_class_folders}"\n')
     return ["--data-source", str(toml), "--centre", "tiny"]
+
+
+@pytest.fixture
+def server_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages are created as by a ServerApp task of run 1."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)

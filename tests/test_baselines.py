@@ -1,12 +1,24 @@
-"""Centralised baselines and held-out scoring with test-time BatchNorm adaptation."""
+"""Centralised references (pooled, local): the run directory of a federated run, progress per
+round, the one selection rule, the in-distribution test; held-out scoring with test-time
+BatchNorm adaptation."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from common.baselines import BASELINES, SELECTED_BY, concatenate
+from common import selection
 from common.config import parse_run_config
 from common.data import CentreData
+from common.inference import evaluate_centre
 from common.pipeline import new_model, score_held_out
+from simulations.baselines import concatenate, run_centralised
+
+RUN_FILES = ("report.json", "report.html", "report.md", "best.safetensors", "final.safetensors",
+             "model_card.json", "f1_over_rounds.png", "confusion_matrix.png", "id_vs_ood.png")
 
 
 @pytest.fixture
@@ -14,7 +26,7 @@ def tiny(tmp_path):
     """A run config on small synthetic clinics (clinic-d held out)."""
     return {"model": "test_resnet", "image-size": 32, "synthetic-images": 40,
             "num-server-rounds": 2, "augment": "none", "device": "cpu",
-            "cache-dir": str(tmp_path / "cache")}
+            "cache-dir": str(tmp_path / "cache"), "output-dir": str(tmp_path / "runs")}
 
 
 def centre(name: str, n: int, groups_from: int = 0) -> CentreData:
@@ -28,21 +40,63 @@ def test_concatenate_keeps_groups_of_different_centres_apart():
     assert len(np.unique(joined.groups)) == 5
 
 
-def test_pooled_selects_a_round_on_validation_and_scores_the_held_out_centre(tiny):
-    [report] = BASELINES["pooled"](parse_run_config(tiny))
+def test_pooled_writes_a_federated_runs_directory_and_selects_by_the_one_rule(
+        tiny, tmp_path, capsys, monkeypatch):
+    calls = []
+    real_best_round = selection.best_round
+    monkeypatch.setattr(selection, "best_round",
+                        lambda rounds: calls.append(len(rounds)) or real_best_round(rounds))
+    [path] = run_centralised(parse_run_config({**tiny, "strategy": "pooled"}))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "] round " in line]
+    assert [line.split(":")[0] for line in lines] == ["[cytofed] round 1/2", "[cytofed] round 2/2"]
+    assert "3/3 sites" in lines[0]
+    for name in RUN_FILES:
+        assert (path.parent / name).is_file(), name
+    report = json.loads(path.read_text())
+    assert report["config"]["strategy"] == "pooled"
     assert report["held_out_centre"] == "clinic-d"
     assert report["training_centres"] == ["clinic-a", "clinic-b", "clinic-c"]
-    best = max(report["rounds"], key=lambda r: (r["val_macro_f1"], r["round"]))
-    assert report["best"]["round"] == best["round"]
-    assert report["best"]["selected_by"] == SELECTED_BY
+    assert calls and report["best"]["round"] == real_best_round(report["rounds"])["round"]
+    assert report["best"]["selected_by"] == selection.SELECTED_BY
+    assert sum(report["rounds"][0]["validation"]["val_confusion_matrix"]) == (
+        report["rounds"][0]["validation"]["num-examples"])
     assert 0.0 <= report["best"]["held_out"]["macro_f1"] <= 1.0
     assert report["best"]["held_out_bn_adapted"] is None
+    tested = report["best"]["in_distribution_test"]
+    assert [s["centre"] for s in tested["sites"]] == report["training_centres"]
+    assert tested["num_examples"] == sum(s["num_examples"] for s in tested["sites"]) > 0
+    assert report["best"]["id_ood_gap"] == pytest.approx(
+        tested["macro_f1"] - report["best"]["held_out"]["macro_f1"])
+    # `cytofed evaluate --model RUN` scores the baseline on another centre.
+    toml = tmp_path / "clinic-d.toml"
+    toml.write_text('name = "clinic-d"\nformat = "synthetic"\n')
+    scored = evaluate_centre(path.parent, toml, cache_dir=tmp_path / "cache", device="cpu")
+    assert 0.0 <= scored["macro_f1"] <= 1.0 and scored["num_examples"] > 0
 
 
-def test_local_trains_one_model_per_training_centre(tiny):
-    reports = BASELINES["local"](parse_run_config({**tiny, "test-time-bn": True}))
+def test_local_trains_one_model_per_training_centre_each_in_its_run_directory(tiny):
+    paths = run_centralised(parse_run_config({**tiny, "strategy": "local",
+                                              "num-server-rounds": 1, "test-time-bn": True}))
+    reports = [json.loads(p.read_text()) for p in paths]
     assert [r["training_centres"] for r in reports] == [["clinic-a"], ["clinic-b"], ["clinic-c"]]
-    assert all(r["best"]["held_out_bn_adapted"] is not None for r in reports)
+    assert [p.parent.name.split("-cytofed-")[1] for p in paths] == [
+        "clinic-a", "clinic-b", "clinic-c"]
+    for report in reports:
+        assert report["best"]["held_out_bn_adapted"] is not None
+        assert [s["centre"] for s in report["best"]["in_distribution_test"]["sites"]] == (
+            report["training_centres"])
+
+
+def test_the_core_and_the_centralised_references_import_no_flower():
+    code = ("import sys, common.methods, common.selection, common.pipeline, "
+            "simulations.baselines; sys.exit(any(m.startswith('flwr') for m in sys.modules))")
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   cwd=Path(__file__).resolve().parents[1])
+
+
+def test_a_federated_method_is_not_run_in_one_place(tiny):
+    with pytest.raises(ValueError, match="federated"):
+        run_centralised(parse_run_config({**tiny, "strategy": "fedavg"}))
 
 
 @pytest.mark.parametrize(("overrides", "adapted"), [

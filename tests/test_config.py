@@ -48,3 +48,16 @@ def test_held_out_centre_must_exist():
 def test_missing_centres_file_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="'data-source'"):
         resolve_centres(parse_run_config({"data-source": str(tmp_path / "none.toml")}))
+
+
+def test_every_registered_method_is_a_strategy_value():
+    from common.methods import METHODS
+
+    assert all(parse_run_config({"strategy": name}).strategy == name for name in METHODS)
+
+
+def test_frozen_batchnorm_needs_a_pretrained_backbone():
+    with pytest.raises(ConfigError, match=r"run config field 'norm'.*pretrained"):
+        parse_run_config({"norm": "frozen_batch"})
+    assert parse_run_config({"norm": "frozen_batch", "pretrained": "imagenet"}).norm == (
+        "frozen_batch")

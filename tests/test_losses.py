@@ -9,7 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.losses import LOSSES, LossHParams, available_losses, create_loss
+from common.config import parse_run_config
+from common.data import CentreData
+from common.losses import LOSSES, LossHParams, available_losses, create_loss, logit_scale
+from common.pipeline import fit, new_model, score
 
 COUNTS_WITH_ZEROS = [0, 5, 700, 0, 1]
 
@@ -100,9 +103,10 @@ def test_class_balanced_weights_known_values() -> None:
 def test_ldam_margins_and_value() -> None:
     hparams = LossHParams(ldam_max_margin=0.5, ldam_scale=2.0)
     loss_fn = create_loss("ldam_drw", [1, 16, 81], progress=0.0, hparams=hparams)
-    torch.testing.assert_close(loss_fn.margins, torch.tensor([0.5, 0.25, 0.5 / 3]))
+    torch.testing.assert_close(loss_fn.scaled_margins, 2.0 * torch.tensor([0.5, 0.25, 0.5 / 3]))
+    assert logit_scale("ldam_drw", hparams) == 2.0 and logit_scale("ce", hparams) == 1.0
 
-    # zero logits, target 1: scaled logits are [0, -2 * 0.25, 0]
+    # zero logits, target 1: margined logits are [0, -2 * 0.25, 0]
     expected = -math.log(math.exp(-0.5) / (math.exp(-0.5) + 2))
     loss = loss_fn(torch.zeros(1, 3), torch.tensor([1]))
     assert loss.item() == pytest.approx(expected, rel=1e-6)
@@ -143,8 +147,9 @@ def test_ldam_drw_weights_only_after_drw_start() -> None:
     inverse_effective = torch.tensor([(1 - 0.99) / (1 - 0.99**c) for c in counts])
     cb_weights = 3 * inverse_effective / inverse_effective.sum()
 
-    before = create_loss("ldam_drw", counts, progress=0.49, hparams=hparams)(logits, targets)
-    after = create_loss("ldam_drw", counts, progress=0.5, hparams=hparams)(logits, targets)
+    # The model's logits are already scaled by s = 4 (see ``logit_scale``).
+    before = create_loss("ldam_drw", counts, progress=0.49, hparams=hparams)(4.0 * logits, targets)
+    after = create_loss("ldam_drw", counts, progress=0.5, hparams=hparams)(4.0 * logits, targets)
     torch.testing.assert_close(before, per_example.mean())
     torch.testing.assert_close(after, (cb_weights[targets] * per_example).mean())
 
@@ -169,3 +174,34 @@ def test_invalid_counts_rejected(counts: list) -> None:
 def test_progress_out_of_range_rejected(progress: float) -> None:
     with pytest.raises(ValueError, match="progress"):
         create_loss("ce", [1, 2], progress=progress)
+
+
+# --- at inference -------------------------------------------------------------------------------
+
+
+def toy_centre(count: int, seed: int) -> CentreData:
+    """Three classes told apart by which colour channel is brighter, with noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count) % 3
+    images = rng.integers(60, 120, (count, 16, 16, 3))
+    images[np.arange(count), :, :, labels] += 80 + rng.integers(-40, 40, (count, 1, 1))
+    return CentreData("toy", ("a", "b", "c"), images.clip(0, 255).astype(np.uint8), labels,
+                      np.arange(count))
+
+
+def test_ldam_probabilities_at_inference_are_calibrated_like_cross_entropy() -> None:
+    """LDAM trains on s-scaled logits; without the scale at inference its probabilities are
+    near uniform (NLL ~ ln 3, confidence ~1/3 at perfect accuracy)."""
+    train, test = toy_centre(72, 0), toy_centre(48, 1)
+    scored = {}
+    for loss in ("ce", "ldam_drw"):
+        config = parse_run_config({"model": "test_resnet", "image-size": 16, "loss": loss,
+                                   "augment": "none", "device": "cpu", "local-epochs": 3,
+                                   "batch-size": 16})
+        model = new_model(config, 3)
+        fit(model, train, config, train.class_counts(), progress=0.0, seed=0)
+        scored[loss] = score(model, test, config)
+    ce, ldam = scored["ce"], scored["ldam_drw"]
+    assert ce["accuracy"] > 0.9 and ldam["accuracy"] > 0.9
+    assert ldam["loss"] < min(max(2 * ce["loss"], 0.3), math.log(3) / 2)
+    assert ldam["ece"] < max(2 * ce["ece"], 0.15)

@@ -33,6 +33,23 @@ def test_exported_model_gives_identical_logits(tmp_path, target):
     assert card.classes == tiny_card().classes and not loaded.training
 
 
+def test_an_ldam_run_exports_its_logit_scale_and_applies_it(tmp_path):
+    model, _ = export_tiny_model(tmp_path / "run", logit_scale=30.0)
+    loaded, card = load_exported_model(tmp_path / "run")
+    inputs = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(inputs), 30.0 * model(inputs))
+    assert card.logit_scale == 30.0
+    report = {"config": {"model": "test_resnet", "norm": "batch", "image-size": 32,
+                         "field-of-view": "full", "strategy": "fedavg", "loss": "ldam_drw",
+                         "num-server-rounds": 1},
+              "classes": ["neutrophil"], "training_centres": ["a"], "held_out_centre": "c",
+              "rounds": [_round(1, {}, HELD_OUT)], "best": {"round": 1, "selected_by": "rule"}}
+    assert model_card(report, "wbc5").logit_scale == 30.0
+    assert model_card({**report, "config": {**report["config"], "loss": "focal"}},
+                      "wbc5").logit_scale == 1.0
+
+
 def test_foreign_or_mismatched_cards_are_refused(tmp_path):
     (tmp_path / CARD_FILE).write_text(json.dumps({"classes": ["a"]}))
     with pytest.raises(ValueError, match="not a cytofed model card"):
@@ -75,9 +92,12 @@ def _round(number, validation, held_out, adapted=None):
             "held_out_bn_adapted": adapted}
 
 
+HELD_OUT = {"macro_f1": 0.4, "balanced_accuracy": 0.5, "accuracy": 0.6, "ece": 0.1,
+            "num_examples": 10, "per_class_f1": {"neutrophil": 0.4}, "loss": 1.0}
+
+
 def test_run_export_card_uses_best_round_and_sites_validation():
-    held_out = {"macro_f1": 0.4, "balanced_accuracy": 0.5, "accuracy": 0.6, "ece": 0.1,
-                "num_examples": 10, "per_class_f1": {"neutrophil": 0.4}, "loss": 1.0}
+    held_out = HELD_OUT
     adapted = {**held_out, "macro_f1": 0.7}
     validation = {"val_macro_f1": 0.8, "val_correct_by_confidence": [0.0, 0.2, 0.7],
                   "val_wrong_by_confidence": [0.0, 0.1, 0.0]}

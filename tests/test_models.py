@@ -1,10 +1,24 @@
-"""Model factory: offline ImageNet weights, local checkpoints, GroupNorm, BatchNorm selection."""
+"""Model factory: offline ImageNet weights, local checkpoints, the norms, BatchNorm selection,
+the logit scale."""
 
 import pytest
 import torch
 from torch import nn
 
-from common.models import batchnorm_keys, create_model, load_backbone_weights
+from common.models import (
+    ScaledClassifier,
+    batchnorm_keys,
+    create_model,
+    group_count,
+    is_batchnorm,
+    load_backbone_weights,
+)
+
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU)
+
+
+def activations(model: nn.Module) -> int:
+    return sum(isinstance(m, ACTIVATIONS) for m in model.modules())
 
 
 def test_imagenet_efficientnet_lite0_loads_offline():
@@ -46,11 +60,59 @@ def test_checkpoint_shape_mismatch_is_an_error():
         load_backbone_weights(model, state)
 
 
-def test_groupnorm_replaces_every_batchnorm():
-    model = create_model("test_resnet", num_classes=3, norm="group")
-    assert not batchnorm_keys(model)
-    assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet10t", "resnet18"])
+def test_groupnorm_keeps_every_activation_and_no_batchnorm(name):
+    batch = create_model(name, num_classes=3)
+    group = create_model(name, num_classes=3, norm="group")
+    assert activations(group) == activations(batch) > 0  # EfficientNet-Lite0: 33
+    assert not batchnorm_keys(group) and not any(map(is_batchnorm, group.modules()))
+    norms = [m for m in group.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(norms) == sum(map(is_batchnorm, batch.modules()))
+    assert len({m.num_groups for m in norms}) == 1  # one group count divides every layer
+    assert group(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_group_count_divides_every_channel_count():
+    assert group_count([32, 16, 24, 40, 80, 112, 192, 320, 1280]) == 8  # EfficientNet-Lite0
+    assert group_count([64, 128, 256, 512]) == 32
+    assert group_count([24, 36]) == 12
+
+
+def test_groupnorm_starts_from_the_pretrained_affine_weights():
+    from common.models import IMAGENET_WEIGHTS
+
+    reference = IMAGENET_WEIGHTS["tf_efficientnet_lite0"]()
+    model = create_model("tf_efficientnet_lite0", 5, pretrained="imagenet", norm="group")
+    assert isinstance(model.bn1, nn.GroupNorm) and model.bn1.num_groups == 8
+    assert torch.equal(model.state_dict()["bn1.weight"], reference["_bn0.weight"])
+    assert torch.equal(model.state_dict()["bn1.bias"], reference["_bn0.bias"])
+    assert torch.equal(model.state_dict()["conv_stem.weight"], reference["_conv_stem.weight"])
+
+
+def test_frozen_batchnorm_keeps_its_pretrained_statistics_while_training(tmp_path):
+    torch.save(create_model("test_resnet", num_classes=3).state_dict(), tmp_path / "ckpt.pth")
+    model = create_model("test_resnet", 3, pretrained=str(tmp_path / "ckpt.pth"),
+                         norm="frozen_batch")
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if "bn" in k}
+    assert frozen and not batchnorm_keys(model)  # nothing for FedBN to keep or adapt
+    assert activations(model) == activations(create_model("test_resnet", 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32) * 5 + 2),
+                                torch.tensor([0, 1, 2, 0])).backward()
+    optimizer.step()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in frozen.items())
+
+
+def test_a_logit_scale_multiplies_the_logits_with_the_same_tensors():
+    torch.manual_seed(0)
+    plain = create_model("test_resnet", num_classes=3).eval()
+    torch.manual_seed(0)
+    scaled = create_model("test_resnet", num_classes=3, logit_scale=30.0).eval()
+    assert isinstance(scaled.get_classifier(), ScaledClassifier)
+    assert list(scaled.state_dict()) == list(plain.state_dict())
+    inputs = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(scaled(inputs), 30.0 * plain(inputs))
 
 
 def test_batchnorm_keys_by_module_type_not_name():

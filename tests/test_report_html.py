@@ -16,8 +16,8 @@ from server.report import write_report
 from simulations.cli import main
 
 CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
-RUN_SECTIONS = {"Held-out centre clinic-d", "F1 over rounds", "Calibration", "Centres",
-                "Dropped or rejected clients", "Model", "Configuration"}
+RUN_SECTIONS = {"Held-out centre clinic-d", "In distribution vs held out", "F1 over rounds",
+                "Calibration", "Centres", "Dropped or rejected clients", "Model", "Configuration"}
 
 
 class Page(HTMLParser):
@@ -95,7 +95,12 @@ def make_report(run_dir: Path, strategy: str = "fedavg", seed: int = 0,
             "classes": CLASSES, "held_out_centre": held_out, "training_centres": list("abc"),
             "rounds": rounds, "final": {"round": 2, "held_out": rounds[1]["held_out"]},
             "best": {"round": 2, "selected_by": "sites' validation macro-F1",
-                     "held_out": rounds[1]["held_out"]},
+                     "held_out": rounds[1]["held_out"],
+                     "in_distribution_test": {
+                         **held_out_metrics(seed + 3, 0.95),
+                         "sites": [{"centre": c, "macro_f1": 0.9, "num_examples": 30}
+                                   for c in "abc"]},
+                     "id_ood_gap": 0.25},
             "held_out_macro_f1": rounds[1]["held_out"]["macro_f1"],
             "model": {"card": "model_card.json", "weights": "best.safetensors",
                       "uncertainty": {"threshold": 0.6, "target_error": 0.05, "coverage": 0.5,
@@ -110,12 +115,13 @@ def test_run_report_html_is_self_contained_with_every_section(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text()) == report
     page = parse(tmp_path / "report.html")
     assert set(page.titles) >= RUN_SECTIONS
-    # confusion matrix, per-class F1, F1 over rounds, reliability diagram
-    assert_embedded_pngs(page, 4)
-    assert not page.external and page.tables >= 7
+    # confusion matrix, per-class F1, in distribution vs held out, F1 over rounds, reliability
+    assert_embedded_pngs(page, 5)
+    assert not page.external and page.tables >= 8
     text = (tmp_path / "report.html").read_text()
     for expected in ("no reply before the round timeout", "basophil.weight contains NaN",
-                     "uncertain when its confidence is below 0.60", "clinic-d (held out)"):
+                     "uncertain when its confidence is below 0.60", "clinic-d (held out)",
+                     "gap (in distribution - held out)", "a (test split)"):
         assert expected in text
     markdown = (tmp_path / "report.md").read_text()
     assert "![reliability diagram, final round](reliability.png)" in markdown
@@ -129,6 +135,7 @@ def test_report_without_optional_parts_still_renders(tmp_path):
         del r["clients"]
         r["held_out"] = {k: v for k, v in r["held_out"].items() if k != "reliability"}
     report["final"]["held_out"] = report["rounds"][1]["held_out"]
+    report["best"]["in_distribution_test"] = report["best"]["id_ood_gap"] = None
     write_report(tmp_path, report)
     page = parse(tmp_path / "report.html")
     assert_embedded_pngs(page, 3)

@@ -1,18 +1,21 @@
-"""FedBN at a site: BatchNorm tensors, found by module type, stay local across rounds."""
+"""A site: what it keeps (FedBN's BatchNorm, found by module type) and sends, FedBN's global
+model, the seeds of its batches, its handlers and its process cache."""
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
 from client.app import app, build_client_app
 from client.site import Site
 from common.config import RunConfig
 from common.data import CentreData, CentreSpec
+from common.methods import create_method
 from common.models import batchnorm_keys
 from common.weights import model_state
-from server.strategies import state_to_record
+from server.strategies import create_strategy, record_to_state, state_to_record
+from tests.test_strategies import FakeGrid
 
 
 def odd_model() -> nn.Module:
@@ -24,10 +27,14 @@ def odd_model() -> nn.Module:
     }))
 
 
-def site(strategy: str) -> Site:
-    data = CentreData("a", ("x", "y"), np.zeros((2, 8, 8, 3), np.uint8), np.array([0, 1]),
+def site(strategy: str, name: str = "a") -> Site:
+    data = CentreData(name, ("x", "y"), np.zeros((2, 8, 8, 3), np.uint8), np.array([0, 1]),
                       np.array([0, 1]))
-    return Site(RunConfig(strategy=strategy), CentreSpec("a"), data, data)
+    return Site(RunConfig(strategy=strategy), CentreSpec(name), data, data, data)
+
+
+def context(node: int = 1) -> Context:
+    return Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
 
 
 def global_arrays(model: nn.Module, value: float):
@@ -35,44 +42,113 @@ def global_arrays(model: nn.Module, value: float):
     return state_to_record({k: np.full_like(v, value) for k, v in model_state(model).items()})
 
 
-def local_training(model: nn.Module) -> None:
+def local_training(model: nn.Module, batchnorm: float = 7.0, other: float = 3.0) -> None:
     """Stand-in for a local fit: the site's own values in every tensor."""
     with torch.no_grad():
         for key, tensor in model.state_dict().items():
             if not key.endswith("num_batches_tracked"):
-                tensor.fill_(7.0 if key in batchnorm_keys(model) else 3.0)
+                tensor.fill_(batchnorm if key in batchnorm_keys(model) else other)
 
 
-def test_fedbn_keeps_batchnorm_local_and_takes_the_rest_from_the_server():
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+def test_fedbn_keeps_batchnorm_for_training_and_sends_every_tensor():
+    state = context()
     fedbn = site("fedbn")
     bn = batchnorm_keys(odd_model())
     assert {k.rsplit(".", 1)[0] for k in bn} == {"0.gain", "0.block.1"}
 
     model = odd_model()
-    fedbn.restore_local_state(model, global_arrays(model, 1.0), context)
+    fedbn.load_for_training(model, global_arrays(model, 1.0), state)
     local_training(model)
-    fedbn.keep_local_state(model, context)
-    outgoing = fedbn.outgoing_arrays(model)
-    assert set(outgoing) == set(model_state(model)) - bn
-    assert all(np.all(outgoing[k].numpy() == 3.0) for k in outgoing)
+    fedbn.keep(model, state)
+    outgoing = fedbn.update(model)
+    assert set(outgoing) == set(model_state(model))  # BatchNorm leaves too, for the global model
+    assert all(np.all(outgoing[k].numpy() == (7.0 if k in bn else 3.0)) for k in outgoing)
 
     next_round = odd_model()
-    fedbn.restore_local_state(next_round, global_arrays(next_round, 5.0), context)
+    fedbn.load_for_training(next_round, global_arrays(next_round, 5.0), state)
     for key, value in model_state(next_round).items():
         assert np.all(value == (7.0 if key in bn else 5.0)), key
+    scored = odd_model()  # validation and test score the global model as it is
+    fedbn.load_global(scored, global_arrays(scored, 5.0))
+    assert all(np.all(v == 5.0) for v in model_state(scored).values())
 
 
-def test_fedavg_sends_and_receives_every_tensor():
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+def test_fedavg_keeps_nothing_and_sends_every_tensor():
+    state = context()
     fedavg = site("fedavg")
     model = odd_model()
-    fedavg.restore_local_state(model, global_arrays(model, 1.0), context)
+    fedavg.load_for_training(model, global_arrays(model, 1.0), state)
     local_training(model)
-    fedavg.keep_local_state(model, context)
-    assert set(fedavg.outgoing_arrays(model)) == set(model_state(model))
-    fedavg.restore_local_state(model, global_arrays(model, 5.0), context)
+    fedavg.keep(model, state)
+    assert set(fedavg.update(model)) == set(model_state(model))
+    fedavg.load_for_training(model, global_arrays(model, 5.0), state)
     assert all(np.all(v == 5.0) for v in model_state(model).values())
+
+
+@pytest.mark.usefixtures("server_task")
+def test_fedbn_global_model_carries_the_sites_trained_batchnorm_aggregated():
+    """Not the server's initial BatchNorm (timm zero-initialises some of its scales)."""
+    config = RunConfig(strategy="fedbn", min_train_nodes=2)
+    method = create_method(config)
+    initial = model_state(odd_model())
+    bn = batchnorm_keys(odd_model())
+    strategy = create_strategy(config, method, method.sent_keys(odd_model()))
+    messages = list(strategy.configure_train(1, state_to_record(initial), ConfigRecord(),
+                                             FakeGrid([1, 2])))
+    replies = []
+    for message, value, examples in zip(messages, (2.0, 6.0), (10, 30), strict=True):
+        fedbn, model = site("fedbn", f"site-{value}"), odd_model()
+        fedbn.load_for_training(model, message.content["arrays"], context())
+        local_training(model, batchnorm=value, other=1.0)
+        content = RecordDict({"arrays": fedbn.update(model),
+                              "metrics": MetricRecord({"num-examples": examples})})
+        replies.append(Message(content, reply_to=message))
+    aggregated, _ = strategy.aggregate_train(1, replies)
+    global_state = method.global_model(record_to_state(aggregated))
+    assert strategy.rejected == [] and set(global_state) == set(initial)
+    for key in bn & set(initial):
+        np.testing.assert_allclose(global_state[key], (2.0 * 10 + 6.0 * 30) / 40)
+        assert not np.allclose(global_state[key], initial[key])
+
+
+@pytest.mark.usefixtures("server_task")
+def test_two_sites_in_one_round_draw_different_batches_reproducibly(monkeypatch):
+    """The real train handler, on identical images at two sites (a test double hands each
+    context its site): every site and round has its own batches, the same when repeated."""
+    import client.app
+    import common.train
+
+    images = np.random.default_rng(0).integers(0, 255, (24, 16, 16, 3), np.uint8)
+    config = RunConfig(model="test_resnet", image_size=16, batch_size=4, augment="none",
+                       device="cpu")
+    sites = {}
+    for node, name in ((1, "clinic-a"), (2, "clinic-b")):
+        data = CentreData(name, ("x", "y"), images, np.arange(24) % 2, np.arange(24))
+        sites[node] = Site(config, CentreSpec(name), data, data, data)
+    monkeypatch.setattr(client.app, "open_site", lambda c: sites[c.node_id])
+    drawn: list[list[int]] = []
+    gather = common.train.gather_batch
+
+    def recording_gather(images: torch.Tensor, index: torch.Tensor, device) -> torch.Tensor:
+        drawn[-1].extend(index.tolist())
+        return gather(images, index, device)
+
+    monkeypatch.setattr(common.train, "gather_batch", recording_gather)
+    arrays = state_to_record(model_state(sites[1].model))
+
+    def batches(node: int, server_round: int) -> list[int]:
+        drawn.append([])
+        message = Message(RecordDict({"arrays": arrays, "config": ConfigRecord(
+            {"server-round": server_round})}), dst_node_id=node, message_type="train")
+        client.app.train(message, Context(run_id=1, node_id=node, node_config={},
+                                          state=RecordDict(), run_config={}))
+        return drawn[-1]
+
+    first = batches(1, server_round=1)
+    assert len(first) == 24
+    assert batches(2, server_round=1) != first
+    assert batches(1, server_round=1) == first
+    assert batches(1, server_round=2) != first
 
 
 @pytest.mark.parametrize("kind", ["train.default", "evaluate.default", "query.class_counts"])

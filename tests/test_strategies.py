@@ -1,6 +1,7 @@
-"""Strategies on real Flower messages and client mods: update validation before aggregation,
-dropped sites, and central differential privacy (client-side clipping, noised equal-weight
-averages, epsilon)."""
+"""The method strategy on real Flower messages and client mods: update validation before
+aggregation, each method's aggregate (the same as Flower's own strategies), FedBN's global
+model, pooled validation, dropped sites, and central differential privacy (client-side
+clipping, noised equal-weight averages, epsilon)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,19 @@ import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.faults import fault_injection_mod
 from client.privacy import dp_clipping_mod
 from common.config import ConfigError, RunConfig
+from common.methods import create_method
 from common.weights import to_wire
 from server.federation import _failures
 from server.privacy import privacy_summary, private_updates
 from server.strategies import (
     NORM_OUTLIER_FACTOR,
-    ValidatedUpdates,
+    MethodStrategy,
     create_strategy,
     record_to_state,
     state_to_record,
@@ -39,11 +41,12 @@ class FakeGrid:
         return self.nodes
 
 
-@pytest.fixture(autouse=True)
-def server_task(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages are created as by a ServerApp task of run 1."""
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("server_task")
+
+
+def strategy_for(config: RunConfig, state: dict[str, np.ndarray] = GLOBAL) -> MethodStrategy:
+    """The strategy of ``config``'s method for a model with ``state``'s tensors."""
+    return create_strategy(config, create_method(config), state)
 
 
 def shifted(value: float, state: dict[str, np.ndarray] = GLOBAL) -> dict[str, np.ndarray]:
@@ -59,7 +62,7 @@ def reply(message: Message, state: dict[str, np.ndarray] | None, examples: int =
     return Message(content=content, reply_to=message)
 
 
-def train_round(strategy: ValidatedUpdates, updates: dict[int, dict | None],
+def train_round(strategy: MethodStrategy, updates: dict[int, dict | None],
                 ) -> tuple[dict[str, np.ndarray] | None, list[Message]]:
     """One round of ``strategy`` in which node ``n`` answers with ``updates[n]``."""
     messages = list(strategy.configure_train(1, state_to_record(GLOBAL), ConfigRecord(),
@@ -69,12 +72,12 @@ def train_round(strategy: ValidatedUpdates, updates: dict[int, dict | None],
     return (record_to_state(arrays) if arrays is not None else None), replies
 
 
-def rejected_nodes(strategy: ValidatedUpdates) -> dict[int, str]:
+def rejected_nodes(strategy: MethodStrategy) -> dict[int, str]:
     return {item["node_id"]: item["reason"] for item in strategy.rejected}
 
 
 def test_nan_inf_wrong_keys_and_shapes_are_rejected_and_the_rest_averaged():
-    strategy = create_strategy(RunConfig(min_train_nodes=2), set())
+    strategy = strategy_for(RunConfig(min_train_nodes=2))
     wrong_shape = {**shifted(1.0), "fc.bias": np.zeros(5, np.float32)}
     infinite = shifted(1.0)
     infinite["fc.bias"][0] = np.inf
@@ -91,7 +94,7 @@ def test_nan_inf_wrong_keys_and_shapes_are_rejected_and_the_rest_averaged():
 
 
 def test_update_far_above_the_round_median_norm_is_rejected():
-    strategy = create_strategy(RunConfig(strategy="fedmedian"), set())
+    strategy = strategy_for(RunConfig(strategy="fedmedian"))
     aggregated, _ = train_round(strategy, {1: shifted(1.0), 2: shifted(1.2), 3: shifted(0.9),
                                            4: shifted(1.0 * NORM_OUTLIER_FACTOR * 1.5)})
     assert list(rejected_nodes(strategy)) == [4]
@@ -100,7 +103,7 @@ def test_update_far_above_the_round_median_norm_is_rejected():
 
 
 def test_bf16_updates_are_decoded_before_validation():
-    strategy = create_strategy(RunConfig(wire_precision="bf16"), set())
+    strategy = strategy_for(RunConfig(wire_precision="bf16"))
     aggregated, _ = train_round(strategy, {1: to_wire(shifted(1.0), "bf16"),
                                            2: to_wire(shifted(2.0), "bf16")})
     assert strategy.rejected == []
@@ -108,14 +111,14 @@ def test_bf16_updates_are_decoded_before_validation():
 
 
 def test_error_replies_are_left_out_and_the_round_still_aggregates():
-    strategy = create_strategy(RunConfig(), set())
+    strategy = strategy_for(RunConfig())
     aggregated, replies = train_round(strategy, {1: shifted(1.0), 2: shifted(2.0), 3: None})
     assert sum(r.has_error() for r in replies) == 1 and strategy.rejected == []
     np.testing.assert_allclose(aggregated["fc.bias"], 1.5)
 
 
 def test_a_site_injected_with_nan_weights_is_rejected_and_the_model_stays_finite():
-    strategy = create_strategy(RunConfig(), set())
+    strategy = strategy_for(RunConfig())
     messages = list(strategy.configure_train(1, state_to_record(GLOBAL), ConfigRecord(),
                                              FakeGrid([1, 2, 3])))
 
@@ -134,7 +137,7 @@ def test_a_site_injected_with_nan_weights_is_rejected_and_the_model_stays_finite
 
 
 def test_dropouts_are_attributed_to_the_node_even_when_the_superlink_answers_for_it():
-    strategy = create_strategy(RunConfig(), set())
+    strategy = strategy_for(RunConfig())
     messages = list(strategy.configure_train(1, state_to_record(GLOBAL), ConfigRecord(),
                                              FakeGrid([1, 2, 3])))
     for message in messages:  # as Grid.push_messages does
@@ -159,7 +162,7 @@ def gaussian_epsilon(noise_multiplier: float, rounds: int, delta: float) -> floa
 
 
 def private(config: RunConfig, sites: int = 3):
-    return private_updates(create_strategy(config, set()), config, sites)
+    return private_updates(strategy_for(config), config, sites)
 
 
 def test_epsilon_matches_the_gaussian_mechanism_composed_over_rounds():
@@ -212,7 +215,7 @@ def test_incompatible_settings_are_refused_naming_the_field(config):
 
 
 def test_sites_clip_their_update_only_when_the_server_asks():
-    messages = list(create_strategy(RunConfig(min_train_nodes=1), set()).configure_train(
+    messages = list(strategy_for(RunConfig(min_train_nodes=1)).configure_train(
         1, state_to_record(GLOBAL), ConfigRecord(), FakeGrid([1])))
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
 
@@ -225,3 +228,72 @@ def test_sites_clip_their_update_only_when_the_server_asks():
     clipped = record_to_state(dp_clipping_mod(messages[0], context, train).content["arrays"])
     norm = np.sqrt(sum(np.sum((clipped[k] - GLOBAL[k]) ** 2) for k in GLOBAL))
     assert norm == pytest.approx(1.0, rel=1e-5)
+
+
+def random_updates(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{key: (value + rng.normal(0, 1, value.shape)).astype(np.float32)
+             for key, value in GLOBAL.items()} for _ in range(count)]
+
+
+FLOWER = {"fedavg": lambda c: FedAvg(), "fedprox": lambda c: FedProx(proximal_mu=c.proximal_mu),
+          "fedadam": lambda c: FedAdam(eta=c.server_learning_rate),
+          "fedmedian": lambda c: FedMedian(), "fedtrimmedavg": lambda c: FedTrimmedAvg(beta=0.25)}
+
+
+@pytest.mark.parametrize("name", list(FLOWER))
+def test_each_method_aggregates_as_flowers_own_strategy(name):
+    config = RunConfig(strategy=name, trim_fraction=0.25, server_learning_rate=0.5)
+    ours, theirs = strategy_for(config), FLOWER[name](config)
+    arrays = state_to_record(GLOBAL)
+    for server_round in (1, 2):  # FedAdam's moments carry over
+        updates = random_updates(4, server_round)
+        results = []
+        for strategy in (ours, theirs):
+            messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(),
+                                                     FakeGrid([1, 2, 3, 4])))
+            replies = [reply(m, u, examples=10 * (i + 1))
+                       for i, (m, u) in enumerate(zip(messages, updates, strict=True))]
+            aggregated, metrics = strategy.aggregate_train(server_round, replies)
+            results.append(record_to_state(aggregated))
+        assert ours.rejected == [] and metrics["train_loss"] == pytest.approx(1.0)
+        for key in GLOBAL:
+            np.testing.assert_allclose(results[0][key], results[1][key], rtol=1e-5, atol=1e-6)
+            assert results[0][key].dtype == np.float32
+        arrays = state_to_record(results[0])
+
+
+def test_validation_is_pooled_by_summing_the_sites_confusion_counts():
+    strategy = strategy_for(RunConfig())
+    messages = list(strategy.configure_evaluate(1, state_to_record(GLOBAL), ConfigRecord(),
+                                                FakeGrid([1, 2])))
+    counts = [{"val_confusion_matrix": [9, 0, 1, 0], "val_loss": 1.0, "num-examples": 10},
+              {"val_confusion_matrix": [0, 0, 0, 10], "val_loss": 2.0, "num-examples": 10}]
+    replies = [Message(RecordDict({"metrics": MetricRecord(c)}), reply_to=m)
+               for m, c in zip(messages, counts, strict=True)]
+    pooled = strategy.aggregate_evaluate(1, replies)
+    assert pooled["val_confusion_matrix"] == [9, 0, 1, 10] and pooled["num-examples"] == 20
+    assert pooled["val_loss"] == pytest.approx(1.5)
+    assert pooled["val_macro_f1"] == pytest.approx((18 / 19 + 20 / 21) / 2)
+
+
+def test_a_reply_without_a_usable_weight_or_update_is_rejected_and_the_round_goes_on():
+    strategy = strategy_for(RunConfig())
+    messages = list(strategy.configure_train(1, state_to_record(GLOBAL), ConfigRecord(),
+                                             FakeGrid([1, 2, 3])))
+    no_weight = reply(messages[1], shifted(5.0), examples=0)
+    no_arrays = Message(RecordDict({"metrics": MetricRecord({"num-examples": 5})}),
+                        reply_to=messages[2])
+    aggregated, _ = strategy.aggregate_train(1, [reply(messages[0], shifted(1.0)), no_weight,
+                                                 no_arrays])
+    reasons = rejected_nodes(strategy)
+    node = [m.metadata.dst_node_id for m in messages]
+    assert reasons[node[1]] == "num-examples must be a positive number, got 0"
+    assert reasons[node[2]] == "the reply lacks its 'arrays' or 'metrics' record"
+    np.testing.assert_allclose(record_to_state(aggregated)["fc.bias"], 1.0)
+
+
+@pytest.mark.parametrize("name", ["pooled", "local"])
+def test_a_federation_refuses_a_centralised_method(name):
+    with pytest.raises(ConfigError, match="run config field 'strategy': expected a federated"):
+        strategy_for(RunConfig(strategy=name))

@@ -1,0 +1,108 @@
+"""Centralised references, trained in one place without Flower: ``pooled`` and ``local``.
+
+``pooled`` trains one model on the concatenated training splits of every training centre (what
+privacy forbids); ``local`` one model per training centre on its own split (the method's
+``partitions``, see ``common.methods``). Like a federated run they train
+``num-server-rounds`` x ``local-epochs`` epochs, one :func:`common.pipeline.fit` call per
+round, validate on their centres' validation splits, score the held-out centre every round, and
+record through ``server.recorder.RunRecorder``: the same progress line per round, the same run
+directory (report, figures, best/final weights, model card, checkpoints), the same selection
+rule (``common.selection.best_round``) and the same in-distribution test on their centres'
+test splits. No Flower import.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common.config import RunConfig, resolve_centres, training_centres
+from common.data import CentreData
+from common.methods import create_method
+from common.pipeline import (
+    centre_splits,
+    fit,
+    load_centre_data,
+    new_model,
+    round_seed,
+    score_as_applied,
+    score_held_out,
+)
+from common.selection import combine_site_reports, site_report
+from common.train import images_on_device, resolve_device
+from common.weights import load_state, model_state
+from server.recorder import RoundResult, RunRecorder
+
+
+def concatenate(parts: list[CentreData], name: str) -> CentreData:
+    """Several centres' images as one (groups renumbered so they stay apart)."""
+    offsets = np.cumsum([0] + [int(p.groups.max(initial=-1)) + 1 for p in parts[:-1]])
+    return CentreData(name, parts[0].classes, np.concatenate([p.images for p in parts]),
+                      np.concatenate([p.labels for p in parts]),
+                      np.concatenate([p.groups + o for p, o in zip(parts, offsets, strict=True)]))
+
+
+def run_centralised(config: RunConfig) -> list[Path]:
+    """Train ``config.strategy`` (``pooled`` or ``local``): one run directory per model, under
+    ``<run-name>`` (one model) or ``<run-name>-<centre>`` (one per centre); returns their
+    report.json paths."""
+    method = create_method(config)
+    if method.federated:
+        raise ValueError(f"method {config.strategy!r} is federated: run it with `flwr run` "
+                         "or `cytofed loco`")
+    centres = resolve_centres(config)
+    held_out_spec = next(c for c in centres if c.name == config.held_out)
+    splits = {spec.name: centre_splits(load_centre_data(spec, config), spec.split_seed)
+              for spec in training_centres(config, centres)}
+    held_out = load_centre_data(held_out_spec, config)
+    partitions = method.partitions(list(splits))
+    return [train_partition(config, {c: splits[c] for c in partition}, held_out,
+                            held_out_spec.taxonomy,
+                            config.run_name if len(partitions) == 1
+                            else f"{config.run_name}-{'+'.join(partition)}")
+            for partition in partitions]
+
+
+def train_partition(config: RunConfig, sites: dict[str, dict[str, CentreData]],
+                    held_out: CentreData, taxonomy: str, run_name: str) -> Path:
+    """One model on the pooled training splits of ``sites`` (centre -> its splits), validated
+    and tested on their own splits; returns its report.json."""
+    train = concatenate([s["train"] for s in sites.values()], "+".join(sites))
+    recorder = RunRecorder(config, train.classes, taxonomy, list(sites), run_name)
+    model = new_model(config, len(train.classes))
+    if recorder.checkpoint is not None:
+        load_state(model, recorder.checkpoint)
+        print(f"[cytofed] resuming {recorder.path} after round {recorder.completed}", flush=True)
+    device = resolve_device(config.device)
+    images = {"train": images_on_device(train.images, device),
+              "held_out": images_on_device(held_out.images, device),
+              **{name: images_on_device(s["val"].images, device) for name, s in sites.items()}}
+    clients = [{"centre": name, "class-counts": s["train"].class_counts().tolist()}
+               for name, s in sites.items()]
+    for server_round in range(recorder.completed + 1, config.num_server_rounds + 1):
+        started = time.perf_counter()
+        metrics = fit(model, train, config, train.class_counts(),
+                      progress=server_round / config.num_server_rounds,
+                      seed=round_seed(config.seed, server_round, train.name),
+                      images=images["train"])
+        validation = combine_site_reports([
+            site_report("val", score_as_applied(model, s["val"], config, images[name]),
+                        len(train.classes)) for name, s in sites.items()])
+        held_out_started = time.perf_counter()
+        scored = score_held_out(model, held_out, config, images["held_out"])
+        finished = time.perf_counter()
+        state = model_state(model)
+        result = RoundResult(
+            round=server_round, train=metrics, validation=validation, **scored,
+            seconds=finished - started, sampled=len(sites), replied=len(sites),
+            clients=clients,
+            held_out_seconds=finished - held_out_started)
+        recorder.complete_round(result.to_dict(), state, state)
+    final = model_state(model)
+    load_state(model, recorder.best_state())
+    tests = [{"centre": name, **site_report("test", score_as_applied(model, s["test"], config),
+                                            len(train.classes))}
+             for name, s in sites.items()]
+    return recorder.finish(final, tests)
