@@ -115,7 +115,8 @@ def stain_scores(green: np.ndarray, blue: np.ndarray,
                  sigma: float) -> tuple[np.ndarray, np.ndarray]:
     """Darkness and hue, smoothed: the optical density ``green`` and the difference
     ``green - blue`` of the green and blue densities."""
-    return ndi.gaussian_filter(green, sigma), ndi.gaussian_filter(green - blue, sigma)
+    return (ndi.gaussian_filter(green, sigma, truncate=3.0),
+            ndi.gaussian_filter(green - blue, sigma, truncate=3.0))
 
 
 def central_group(candidates: np.ndarray, weights: np.ndarray,

@@ -130,7 +130,11 @@ def scale_to_uint8(values: np.ndarray) -> np.ndarray:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB version of any Pillow image (alpha composited on white)."""
+    """8-bit RGB version of any Pillow image (alpha composited on white); RGB images as
+    they are."""
+    if image.mode == "RGB" and "transparency" not in image.info:
+        image.load()
+        return image
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         return Image.fromarray(scale_to_uint8(np.asarray(image))).convert("RGB")
     if "A" in image.getbands() or "transparency" in image.info:
@@ -176,7 +180,7 @@ def decode_image(data: bytes, size: int, mode: str = "full") -> tuple[np.ndarray
             return crop_to_cell(rgb, size, box=box), box.found
         image.draft("RGB", (size, size))
         square = pad_to_square(to_rgb(image))
-    resized = square.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        resized = square.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
     return np.asarray(resized, dtype=np.uint8), True
 
 
@@ -196,8 +200,8 @@ class StoreIndex(NamedTuple):
 
     rows: int
     entries: dict[str, int]
-    cell_fallback: frozenset[str] = frozenset()
-    errors: dict[str, str] = {}  # noqa: RUF012 (a NamedTuple default, never mutated)
+    cell_fallback: frozenset[str]
+    errors: dict[str, str]
 
 
 class ImageStore:
@@ -229,7 +233,7 @@ class ImageStore:
         try:
             index = json.loads(self._index_path.read_text())
         except FileNotFoundError:
-            return StoreIndex(0, {})
+            return StoreIndex(0, {}, frozenset(), {})
         return StoreIndex(index["rows"], index["entries"], frozenset(index["cell_fallback"]),
                           index["errors"])
 

@@ -1,12 +1,12 @@
 """Cell-view preprocessing: this tree against the code before the wide-field cell finder.
 
-    python -m simulations.bench_cellview [--size 128] [--limit N] [--sample K] [--baseline REV]
+    python -m simulations.bench_cellview [--size 64] [--limit N] [--sample K] [--baseline REV]
 
 Loads every image of each shared centre with ``field-of-view = "cell"`` into an empty,
 private cache, once with the ``common`` package of ``--baseline`` (extracted with
 ``git archive``) and once with this tree's, each in its own process, alternating per centre.
-Prints each first load's images/s (wall clock) and CPU ms per image (the process and its
-workers), and the ratios, all measured in this one run.
+Prints each first load's images/s (wall clock) and CPU ms per image (all threads of the
+loading process, the load alone), and the ratios, all measured in this one run.
 
 Then compares the crops on every ``--sample``-th image where the baseline's finder was right
 (found, a nucleus box under 0.85 of the short side whose centre lies within a quarter of the
@@ -22,7 +22,6 @@ import importlib.util
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 import tarfile
@@ -46,9 +45,10 @@ import json, sys, time
 from pathlib import Path
 from common.imagecache import load_images
 args = json.loads(Path(sys.argv[1]).read_text())
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 loaded = load_images([Path(p) for p in args["paths"]], args["size"], Path(args["cache"]), "cell")
-print(json.dumps({"seconds": time.perf_counter() - start, "images": len(loaded.readable),
+print(json.dumps({"seconds": time.perf_counter() - start, "cpu": time.process_time() - cpu,
+                  "images": len(loaded.readable),
                   "fallback": getattr(loaded, "fallback_count", None)}))
 """
 
@@ -65,17 +65,14 @@ def extract_baseline(revision: str, into: Path) -> Path:
 def timed_load(code_root: Path, paths: Sequence[Path], size: int, cache: Path,
                work: Path) -> dict:
     """First load of ``paths`` by the ``common`` package under ``code_root``, in a fresh
-    process: its seconds, images, fallbacks and CPU seconds (process and workers)."""
+    process: its seconds, CPU seconds (all its threads), images and cell fallbacks."""
     request = work / "request.json"
     request.write_text(json.dumps({"paths": [str(p) for p in paths], "size": size,
                                    "cache": str(cache)}))
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = subprocess.run([sys.executable, "-c", LOAD, str(request)], check=True,
                             capture_output=True, text=True, cwd=work,
                             env={**os.environ, "PYTHONPATH": str(code_root)})
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    return {**json.loads(result.stdout.splitlines()[-1]), "cpu": cpu}
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 def load_module(name: str, path: Path) -> ModuleType:
@@ -139,7 +136,7 @@ def compare_crops(paths: Sequence[Path], old_fov: ModuleType, size: int,
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=128, help="crop side in pixels")
+    parser.add_argument("--size", type=int, default=64, help="crop side in pixels")
     parser.add_argument("--centres", type=Path, default=SHARED_CENTRES, help="centres TOML")
     parser.add_argument("--limit", type=int, default=0, help="at most N images per centre")
     parser.add_argument("--sample", type=int, default=10,
