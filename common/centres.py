@@ -160,9 +160,10 @@ def _load_synthetic(spec: CentreSpec, image_size: int, cache_dir: Path, mode: st
     if mode == "cell":
         from common.fov import normalise_field_of_view
 
-        images, _ = normalise_field_of_view(images, image_size)
+        images, found = normalise_field_of_view(images, image_size)
     return CentreData(spec.name, TAXONOMIES["wbc5"], images, np.asarray(labels, np.int64),
-                      np.arange(len(labels), dtype=np.int64))
+                      np.arange(len(labels), dtype=np.int64),
+                      {"cell_fallback": int((~found).sum())} if mode == "cell" else {})
 
 
 def usable_records(spec: CentreSpec) -> tuple[list[tuple[SourceRecord, int]], Counter[str]]:
@@ -221,7 +222,8 @@ def load_centre(spec: CentreSpec, image_size: int, cache_dir: Path, mode: str = 
     readable = [kept[i] for i in loaded.readable]
     stats = {"unreadable": len(loaded.unreadable),
              "duplicates": len(loaded.digests) - len(set(loaded.digests)),
-             **{f"dropped:{name}": count for name, count in sorted(dropped.items())}}
+             **{f"dropped:{name}": count for name, count in sorted(dropped.items())},
+             **({"cell_fallback": loaded.fallback_count} if mode == "cell" else {})}
     return CentreData(
         name=spec.name,
         classes=TAXONOMIES[spec.taxonomy],

@@ -1,11 +1,18 @@
 """Cell-centred field-of-view normalisation.
 
 Centres image white cells at different magnifications: Barcelona shows a wide field with the
-cell among many red cells, Jiangxi and BCCD show tight crops. ``find_cell`` locates the white
-cell by its nucleus, the strongest absorber of green light under every Romanowsky-type stain
-(MGG purple, rapid-stain maroon, BCCD blue), while red cells, cytoplasm and white, yellow or
-bluish backgrounds absorb much less green. ``crop_to_cell`` then cuts a square window
-proportional to the nucleus size, so every centre shows the network the same view.
+cell among many red cells, Jiangxi and BCCD show tight crops, and clinics send fields where
+the cell covers a twentieth of the image among pale, bluish red cells, some with black padding
+where the crop was cut at the edge of a larger photo. ``find_cell`` locates the white cell by
+its nucleus, which under every Romanowsky-type stain (MGG purple, rapid-stain maroon, BCCD
+blue) is both dark in green light and bluer than it is green, while red cells, cytoplasm
+granules, backgrounds and padding are either pale in green or neutral-to-red in hue.
+``crop_to_cell`` then cuts a square window proportional to the nucleus size, so every centre
+shows the network the same view.
+
+When no nucleus is found with enough evidence, ``find_cell`` says so (``found=False`` and a
+``reason``) and the view falls back to a centre crop; it never reports the whole field as a
+cell.
 """
 
 from __future__ import annotations
@@ -17,14 +24,29 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 ANALYSIS_SIZE = 128  # detection runs on a block-averaged copy whose short side is about this
-SMOOTHING_SIGMA = 0.012  # Gaussian smoothing of the score, as a fraction of the short side
-GROUPING_RADIUS = 0.03  # nuclear lobes closer than this (fraction of short side) form one nucleus
+SMOOTHING_SIGMA = 0.012  # Gaussian smoothing of the scores, as a fraction of the short side
+GROUPING_RADIUS = 0.022  # nuclear lobes less than this apart in rows and in columns (fraction
+#                         of the short side) form one nucleus
 CENTRE_FALLOFF = 0.25  # weight exp(-(d / (CENTRE_FALLOFF * short side))^2), d: gap to centre
-MIN_STRUCTURE = 0.3  # smoothed / raw score variance below this: pixel noise, no objects
-MIN_CONTRAST_OD = 0.05  # optical-density gap between nucleus and rest below this: no nucleus
-MIN_AREA_FRACTION = 0.005  # nucleus smaller than this fraction of the image: debris, not a cell
+MIN_STRUCTURE = 0.3  # smoothed / raw darkness variance below this: pixel noise, no objects
+PADDING_LEVEL = 40  # pixels whose brightest channel is below this are padding, never a cell
+MIN_FIELD_FRACTION = 0.1  # less of the image than this outside the padding: nothing to search
+STAIN_CHROMA = 0.06  # green minus blue optical density above this: nuclear stain (see HUE_NOTE)
+TINTED_HUE = 0.13  # dark stained pixels with a median hue below this may be mostly tinted red
+HUE_RATIO = 0.5  # cells: if Otsu splits them by stain (darkness x hue) into a class less than
+#                  HUE_RATIO as hued as the other, the nucleus is the more stained class
+MIN_EVIDENCE = 0.15  # nucleus hue plus darkness over its surroundings below this: not a nucleus
+MIN_AREA_FRACTION = 0.005  # nucleus smaller than this fraction of the field: debris, not a cell
 MAX_AREA_FRACTION = 0.75  # nucleus larger than this fraction: the threshold caught background
 FALLBACK_FRACTION = 0.8  # centre-crop side (fraction of the short side) when no cell is found
+
+# HUE_NOTE: on the three shared centres, nuclei have a median green-minus-blue optical density
+# (hue) of 0.28 to 0.58, while red cells, backgrounds and neutral padding stay below 0.06 in 90%
+# of their pixels. Pale bluish red cells reach about 0.08 and purple-tinted ones (the synthetic
+# clinic-c) 0.12: the TINTED_HUE step keeps them out of the nucleus, and MIN_EVIDENCE refuses a
+# field of them alone, since none is darker than the others.
+
+OPTICAL_DENSITY = (-np.log10((np.arange(256) + 1.0) / 256.0)).astype(np.float32)  # per level
 
 
 @dataclass(frozen=True)
@@ -32,30 +54,28 @@ class CellBox:
     """Where the white cell is, in pixels of the input image.
 
     ``cy``/``cx`` is the nucleus centroid and ``size`` the side of its bounding square;
-    ``found`` is False when detection failed and the box is the image centre (``size`` 0).
+    ``found`` is False when detection failed and the box is the image centre (``size`` 0);
+    ``reason`` then says why: ``padding`` (almost all black), ``blank`` (no structure beyond
+    pixel noise), ``no stain`` (nothing of nuclear hue and darkness), ``too small`` or ``too
+    large`` (for a nucleus), ``faint`` (not more hued and darker than its surroundings).
     """
 
     cy: float
     cx: float
     size: float
     found: bool
-
-
-def block_mean(channel: np.ndarray, factor: int) -> np.ndarray:
-    """Float32 (H // factor, W // factor) averages of ``factor`` x ``factor`` blocks."""
-    rows, cols = channel.shape[0] // factor, channel.shape[1] // factor
-    blocks = channel[: rows * factor, : cols * factor].astype(np.float32)
-    return blocks.reshape(rows, factor, cols, factor).mean(axis=(1, 3))
-
-
-def optical_density(intensity: np.ndarray) -> np.ndarray:
-    """Optical density -log10(I / 255) of intensities in [0, 255] (offset by 1 to stay finite)."""
-    return -np.log10((intensity + 1.0) / 256.0)
+    reason: str = ""
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     """Otsu threshold of ``values``: maximises the between-class variance of the histogram."""
-    counts, edges = np.histogram(values, bins=bins)
+    low, high = float(values.min()), float(values.max())
+    if high == low:
+        return low
+    width = (high - low) / bins
+    bins_of = np.minimum(((values.ravel() - low) / width).astype(np.intp), bins - 1)
+    counts = np.bincount(bins_of, minlength=bins)
+    edges = low + width * np.arange(bins + 1)
     centres = (edges[:-1] + edges[1:]) / 2
     p = counts / counts.sum()
     weight_low = np.cumsum(p)
@@ -67,63 +87,120 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[int(np.argmax(between)) + 1])
 
 
-def disk(radius: int) -> np.ndarray:
-    """Boolean disk structuring element of the given radius."""
-    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
-    return yy**2 + xx**2 <= radius**2
+def as_picture(image: np.ndarray | Image.Image) -> Image.Image:
+    """``image`` as a Pillow image (uint8 (H, W, 3) arrays are wrapped, images kept)."""
+    return image if isinstance(image, Image.Image) else Image.fromarray(image)
 
 
-def select_central_component(mask: np.ndarray, group_radius: int) -> np.ndarray:
-    """The connected part of ``mask`` (lobes within ``group_radius`` merged) that is largest
-    after weighting by how close it comes to the image centre; all False if ``mask`` is empty."""
-    groups, n = ndi.label(ndi.binary_dilation(mask, structure=disk(group_radius)))
-    if n == 0:
-        return np.zeros_like(mask)
-    groups[~mask] = 0
-    index = np.arange(1, n + 1)
-    rows, cols = np.indices(mask.shape)
-    centre_distance = np.hypot(rows - (mask.shape[0] - 1) / 2, cols - (mask.shape[1] - 1) / 2)
-    areas = ndi.sum_labels(mask, groups, index)
-    nearest = ndi.minimum(centre_distance, groups, index)
-    weights = areas * np.exp(-((nearest / (CENTRE_FALLOFF * min(mask.shape))) ** 2))
-    return groups == index[int(np.argmax(weights))]
-
-
-def nucleus_mask(image: np.ndarray) -> np.ndarray:
-    """Boolean (H, W) mask of the white cell's nucleus in a uint8 (H, W, 3) image.
-
-    Green optical density, smoothed, is thresholded with Otsu on a block-averaged copy; the
-    central component is kept. All False when the image has no structure beyond pixel noise, no
-    clear dark foreground, or the component is implausibly small or large.
+def analysis_image(image: Image.Image) -> tuple[np.ndarray, int]:
+    """Uint8 copy of an RGB ``image`` averaged over ``factor`` x ``factor`` blocks (remainder
+    rows and columns dropped) so that its short side is about ``ANALYSIS_SIZE``, and ``factor``.
     """
-    height, width = image.shape[:2]
+    width, height = image.size
     factor = max(1, round(min(height, width) / ANALYSIS_SIZE))
-    raw_score = optical_density(block_mean(image[..., 1], factor))
-    short_side = min(raw_score.shape)
-    score = ndi.gaussian_filter(raw_score, SMOOTHING_SIGMA * short_side)
-    mask = np.zeros((height, width), dtype=bool)
-    if raw_score.var() == 0 or score.var() < MIN_STRUCTURE * raw_score.var():
-        return mask
-    foreground = score > otsu_threshold(score)
-    if not foreground.any() or foreground.all():
-        return mask
-    if score[foreground].mean() - score[~foreground].mean() < MIN_CONTRAST_OD:
-        return mask
-    nucleus = select_central_component(foreground, max(1, round(GROUPING_RADIUS * short_side)))
-    if not MIN_AREA_FRACTION <= nucleus.mean() <= MAX_AREA_FRACTION:
-        return mask
-    upsampled = np.repeat(np.repeat(nucleus, factor, axis=0), factor, axis=1)
-    mask[: upsampled.shape[0], : upsampled.shape[1]] = upsampled
-    return mask
+    if factor == 1:
+        return np.asarray(image), 1
+    whole = (0, 0, width // factor * factor, height // factor * factor)
+    return np.asarray(image.reduce(factor, box=whole)), factor
 
 
-def find_cell(image: np.ndarray) -> CellBox:
-    """Locate the white cell in a uint8 (H, W, 3) image by its nucleus (see ``nucleus_mask``)."""
-    rows, cols = np.nonzero(nucleus_mask(image))
-    if rows.size == 0:
-        return CellBox(cy=image.shape[0] / 2, cx=image.shape[1] / 2, size=0.0, found=False)
-    size = max(rows.max() - rows.min(), cols.max() - cols.min()) + 1
-    return CellBox(cy=rows.mean() + 0.5, cx=cols.mean() + 0.5, size=float(size), found=True)
+def field_mask(image: np.ndarray) -> np.ndarray:
+    """Pixels of the field: not black padding (nor its one-pixel blurred rim)."""
+    brightest = np.maximum(np.maximum(image[..., 0], image[..., 1]), image[..., 2])
+    field = brightest >= PADDING_LEVEL
+    return field if field.all() else ndi.minimum_filter(field, size=3, mode="nearest")
+
+
+def stain_scores(green: np.ndarray, blue: np.ndarray,
+                 sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Darkness and hue, smoothed: the optical density ``green`` and the difference
+    ``green - blue`` of the green and blue densities."""
+    return (ndi.gaussian_filter(green, sigma, truncate=3.0),
+            ndi.gaussian_filter(green - blue, sigma, truncate=3.0))
+
+
+def central_group(candidates: np.ndarray, weights: np.ndarray,
+                  radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """The part of ``candidates`` (parts within ``radius`` merged) with the largest summed
+    ``weights``, discounted by how far it stays from the image centre, and that part grown by
+    ``radius`` (its neighbourhood)."""
+    grown, _ = ndi.label(ndi.maximum_filter(candidates, size=2 * radius + 1))
+    labels = grown[candidates]
+    rows, cols = np.nonzero(candidates)
+    centre_distance = np.hypot(rows - (candidates.shape[0] - 1) / 2,
+                               cols - (candidates.shape[1] - 1) / 2)
+    mass = np.bincount(labels, weights=weights[candidates])
+    nearest = np.full(len(mass), np.inf)
+    np.minimum.at(nearest, labels, centre_distance)
+    score = mass * np.exp(-((nearest / (CENTRE_FALLOFF * min(candidates.shape))) ** 2))
+    neighbourhood = grown == np.argmax(score)
+    return candidates & neighbourhood, neighbourhood
+
+
+def nucleus_evidence(nucleus: np.ndarray, neighbourhood: np.ndarray, darkness: np.ndarray,
+                     hue: np.ndarray, field: np.ndarray) -> float:
+    """Mean hue of ``nucleus`` plus how much darker it is than the 90th percentile of the field
+    outside its ``neighbourhood``: high for a nucleus, low for one red cell among alike ones."""
+    rest = darkness[field & ~neighbourhood]
+    if not rest.size:
+        return float(hue[nucleus].mean() + 1.0)
+    rank = int(0.9 * (rest.size - 1))
+    contrast = darkness[nucleus].mean() - np.partition(rest, rank)[rank]
+    return float(hue[nucleus].mean() + contrast)
+
+
+def locate_nucleus(image: np.ndarray) -> tuple[np.ndarray | None, str]:
+    """Boolean mask of the nucleus nearest the centre of a uint8 (H, W, 3) image, or None and
+    why not (a ``CellBox.reason``).
+
+    Pixels darker than Otsu's threshold (over the field, padding excluded) and of nuclear hue
+    are candidates (without tinted red cells, see ``TINTED_HUE``); the group of candidates with
+    the most stain near the centre is the nucleus, if its size and evidence are plausible.
+    """
+    field = field_mask(image)
+    if field.mean() < MIN_FIELD_FRACTION:
+        return None, "padding"
+    short_side = min(image.shape[:2])
+    green, blue = OPTICAL_DENSITY[image[..., 1]], OPTICAL_DENSITY[image[..., 2]]
+    darkness, hue = stain_scores(green, blue, SMOOTHING_SIGMA * short_side)
+    whole = field.all()  # no padding: skip copying the field's pixels out
+    raw, smooth = (green, darkness) if whole else (green[field], darkness[field])
+    if raw.var() == 0 or smooth.var() < MIN_STRUCTURE * raw.var():
+        return None, "blank"
+    candidates = field & (hue > STAIN_CHROMA) & (darkness > otsu_threshold(smooth))
+    if candidates.any() and np.median(hue[candidates]) < TINTED_HUE:
+        stain = darkness * hue
+        stained = candidates & (stain > otsu_threshold(stain[candidates]))
+        rest = hue[candidates & ~stained]
+        if rest.size and np.median(rest) < HUE_RATIO * np.median(hue[stained]):
+            candidates = stained
+    if not candidates.any():
+        return None, "no stain"
+    nucleus, neighbourhood = central_group(candidates, hue - STAIN_CHROMA,
+                                           max(1, round(GROUPING_RADIUS * short_side)))
+    area = nucleus.sum() / smooth.size
+    if area < MIN_AREA_FRACTION:
+        return None, "too small"
+    if area > MAX_AREA_FRACTION:
+        return None, "too large"
+    if nucleus_evidence(nucleus, neighbourhood, darkness, hue, field) < MIN_EVIDENCE:
+        return None, "faint"
+    return nucleus, ""
+
+
+def find_cell(image: np.ndarray | Image.Image) -> CellBox:
+    """Locate the white cell in a uint8 (H, W, 3) or RGB image by its nucleus
+    (``locate_nucleus`` on the block-averaged ``analysis_image``)."""
+    picture = as_picture(image)
+    small, factor = analysis_image(picture)
+    nucleus, reason = locate_nucleus(small)
+    if nucleus is None:
+        return CellBox(cy=picture.height / 2, cx=picture.width / 2, size=0.0, found=False,
+                       reason=reason)
+    rows, cols = np.nonzero(nucleus)
+    size = (max(rows.max() - rows.min(), cols.max() - cols.min()) + 1) * factor
+    return CellBox(cy=float((rows.mean() + 0.5) * factor), cx=float((cols.mean() + 0.5) * factor),
+                   size=float(size), found=True)
 
 
 def crop_window(box: CellBox, shape: tuple[int, ...],
@@ -143,14 +220,14 @@ def crop_window(box: CellBox, shape: tuple[int, ...],
     return left, top, left + side, top + side
 
 
-def crop_to_cell(image: np.ndarray, out_size: int, context: float = 2.2,
+def crop_to_cell(image: np.ndarray | Image.Image, out_size: int, context: float = 2.2,
                  box: CellBox | None = None) -> np.ndarray:
     """Uint8 (out_size, out_size, 3) view of the white cell (``box`` found if not given)."""
-    box = find_cell(image) if box is None else box
-    window = crop_window(box, image.shape, context)
-    resized = Image.fromarray(image).resize((out_size, out_size), Image.Resampling.BILINEAR,
-                                            box=window)
-    return np.asarray(resized)
+    picture = as_picture(image)
+    box = find_cell(picture) if box is None else box
+    window = crop_window(box, (picture.height, picture.width), context)
+    return np.asarray(picture.resize((out_size, out_size), Image.Resampling.BILINEAR,
+                                     box=window))
 
 
 def normalise_field_of_view(images: np.ndarray, out_size: int,

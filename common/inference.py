@@ -25,6 +25,7 @@ from common.centres import load_centre, read_centre
 from common.imagecache import load_images
 from common.metrics import confident_share
 from common.modelcard import ModelCard, load_exported_model
+from common.progress import progress_bar
 from common.train import (
     adapt_batchnorm,
     evaluate_model,
@@ -45,13 +46,6 @@ def decoding_cache(cache_dir: Path | None) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="cytofed-decode-") as temporary:
         yield Path(temporary)
-
-
-def show_progress(label: str, done: int, total: int, width: int = 30) -> None:
-    """An in-place progress bar on stderr; the last call ends the line."""
-    filled = round(width * done / max(total, 1))
-    print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}",
-          end="\n" if done >= total else "", file=sys.stderr, flush=True)
 
 
 def prepared(model: nn.Module, card: ModelCard, images: np.ndarray,
@@ -112,7 +106,7 @@ def predict_folder(model_path: Path, images_dir: Path, out: Path,
     if not paths:
         raise ValueError(f"no files in {images_dir}")
     readable, unreadable, batches = [], [], []
-    with decoding_cache(cache_dir) as cache:
+    with decoding_cache(cache_dir) as cache, progress_bar(len(paths), "decoding") as bar:
         for start in range(0, len(paths), BATCH):
             chunk = paths[start:start + BATCH]
             loaded = load_images(chunk, card.preprocessing.image_size, cache,
@@ -120,14 +114,15 @@ def predict_folder(model_path: Path, images_dir: Path, out: Path,
             readable += [chunk[i] for i in loaded.readable]
             unreadable += loaded.unreadable
             batches.append(loaded.images)
-            show_progress("decoding", start + len(chunk), len(paths))
+            bar.update(len(chunk))
     probabilities = np.empty((0, len(card.classes)), np.float32)
     if readable:
         model, images, torch_device = prepared(model, card, np.concatenate(batches), device)
-        parts = []
+        parts, bar = [], progress_bar(len(readable), "predicting")
         for start in range(0, len(readable), BATCH):
             parts.append(predict_probabilities(model, images[start:start + BATCH], torch_device))
-            show_progress("predicting", start + len(parts[-1]), len(readable))
+            bar.update(len(parts[-1]))
+        bar.close()
         probabilities = np.concatenate(parts)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,11 @@
-"""Cell-centred field-of-view normalisation on synthetic images and on real images of 3 centres."""
+"""Cell-centred field-of-view normalisation on synthetic images, on real images of 3 centres and
+on wide fields made from them (``tests/widefield.py``)."""
 
 from __future__ import annotations
 
+import json
 import os
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +19,34 @@ from common.fov import (
     crop_window,
     find_cell,
     normalise_field_of_view,
-    nucleus_mask,
+)
+from tests.widefield import (
+    FIELD,
+    Truth,
+    corner_patch,
+    jpeg,
+    mirror_tiled,
+    red_cell_field,
+    wide_field,
 )
 
 SHARED_DATA = Path(os.environ.get("CYTOFED_SHARED_DATA",
                                   Path(__file__).resolve().parents[1].parent / "shared/data/wbc"))
+BASELINE_BOXES = Path(__file__).parent / "data" / "fov_baseline_boxes.json"
 WBC_CLASSES = ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil")
 PER_CLASS = 2
 OUT_SIZE = 96
+PALE_PINK = ((215, 180, 190), (238, 228, 225))  # (red cell, background) of a synthetic smear
+PALE_BLUISH = ((196, 184, 214), (232, 228, 236))
+PADDINGS = {"none": (), "left": (("left", 0.2),), "top+right": (("top", 0.15), ("right", 0.1))}
+# The wide-field box must centre on the nucleus within CENTRE_TOLERANCE of its size and match
+# its size within SIZE_TOLERANCE: the crop then shows the cell at 0.7 to 1.4 times the scale it
+# has at the other centres, within the spread of nucleus sizes inside one centre (Barcelona's
+# boxes span 0.27 to 0.46 of the short side, 5th to 95th percentile, a factor 1.7) and far from
+# the 4 to 5 times of the whole-image boxes the defect gave. Measured: the worst case is a pale
+# BCCD nucleus at 5% in bluish red cells, boxed at 0.74 of its size (its blurred rim is lost).
+CENTRE_TOLERANCE = 0.2
+SIZE_TOLERANCE = 1.4
 
 
 def spread(files: list[Path], count: int) -> list[Path]:
@@ -32,10 +55,14 @@ def spread(files: list[Path], count: int) -> list[Path]:
     return [files[i * len(files) // count] for i in range(min(count, len(files)))]
 
 
-def centre_files(centre: str) -> list[Path]:
-    """About ten image paths of one centre; skips the test when the shared data is absent."""
+def need_shared_data() -> None:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared WBC data not found at {SHARED_DATA}")
+
+
+def centre_files(centre: str) -> list[Path]:
+    """About ten image paths of one centre; skips the test when the shared data is absent."""
+    need_shared_data()
     if centre == "barcelona":
         root = SHARED_DATA / "PBC_dataset_normal_DIB"
         return [f for c in WBC_CLASSES for f in spread(list((root / c).glob("[!.]*.jpg")),
@@ -75,11 +102,27 @@ def synthetic_cell(shape: tuple[int, int] = (200, 240), centre: tuple[int, int] 
     return image
 
 
+def assert_fits(box: CellBox, truth: Truth, what: str) -> None:
+    """``box`` found, centred on the nucleus of ``truth`` and of its size (see tolerances)."""
+    assert box.found, f"{what}: not found ({box.reason})"
+    gap = np.hypot(box.cy - truth.cy, box.cx - truth.cx)
+    assert gap <= CENTRE_TOLERANCE * truth.size, f"{what}: {gap:.1f} px off ({truth.size:.0f})"
+    ratio = box.size / truth.size
+    assert 1 / SIZE_TOLERANCE <= ratio <= SIZE_TOLERANCE, f"{what}: size x{ratio:.2f}"
+
+
 def test_synthetic_nucleus_is_found_where_it_is() -> None:
     box = find_cell(synthetic_cell())
-    assert box.found
+    assert box.found and box.reason == ""
     assert abs(box.cy - 80) < 2 and abs(box.cx - 150) < 2
     assert abs(box.size - 40) < 4
+
+
+def test_pillow_images_give_the_same_box_as_arrays() -> None:
+    image = synthetic_cell()
+    assert find_cell(Image.fromarray(image)) == find_cell(image)
+    np.testing.assert_array_equal(crop_to_cell(Image.fromarray(image), OUT_SIZE),
+                                  crop_to_cell(image, OUT_SIZE))
 
 
 def test_crop_window_is_square_inside_image_and_scaled_by_context() -> None:
@@ -105,24 +148,51 @@ def test_crop_to_cell_shape_and_zoom() -> None:
     assert crop[OUT_SIZE // 2, OUT_SIZE // 2, 1] < 100
 
 
-@pytest.mark.parametrize("name", ["white", "black", "grey", "noise", "grey_noise"])
-def test_no_cell_falls_back_to_centre_crop(name: str) -> None:
+def no_cell_image(name: str) -> np.ndarray:
     rng = np.random.default_rng(0)
-    image = {
+    if name in ("pink_red_cells", "bluish_red_cells", "padded_red_cells"):
+        field = red_cell_field(FIELD, 40, rng, *(PALE_PINK if name == "pink_red_cells"
+                                                 else PALE_BLUISH))
+        if name == "padded_red_cells":
+            field[:50] = 0
+            field[:, -30:] = 0
+        return jpeg(field)
+    return {
         "white": np.full((150, 180, 3), 255, np.uint8),
         "black": np.zeros((150, 180, 3), np.uint8),
         "grey": np.full((150, 180, 3), 128, np.uint8),
         "noise": rng.integers(0, 256, (150, 180, 3), dtype=np.uint8),
         "grey_noise": np.clip(rng.normal(128, 30, (150, 180, 3)), 0, 255).astype(np.uint8),
     }[name]
+
+
+@pytest.mark.parametrize("name", ["white", "black", "grey", "noise", "grey_noise",
+                                  "pink_red_cells", "bluish_red_cells", "padded_red_cells"])
+def test_no_cell_is_not_found_and_falls_back_to_a_centre_crop(name: str) -> None:
+    image = no_cell_image(name)
     box = find_cell(image)
-    assert not box.found
-    assert not nucleus_mask(image).any()
+    assert not box.found and box.reason
+    height, width = image.shape[:2]
     left, top, right, bottom = crop_window(box, image.shape, 2.2)
-    assert (left + right) / 2 == pytest.approx(90) and (top + bottom) / 2 == pytest.approx(75)
-    assert right - left == pytest.approx(FALLBACK_FRACTION * 150)
+    assert (left + right) / 2 == pytest.approx(width / 2)
+    assert (top + bottom) / 2 == pytest.approx(height / 2)
+    assert right - left == pytest.approx(FALLBACK_FRACTION * min(height, width))
     crop = crop_to_cell(image, OUT_SIZE)
     assert crop.shape == (OUT_SIZE, OUT_SIZE, 3) and crop.dtype == np.uint8
+
+
+@pytest.mark.parametrize("area", [0.05, 0.2, 0.6])
+@pytest.mark.parametrize("background", ["pink", "bluish"])
+@pytest.mark.parametrize("padding", list(PADDINGS))
+def test_synthetic_nucleus_in_a_wide_field(area: float, background: str, padding: str) -> None:
+    """A purple nucleus covering ``area`` (as a cell) of a field of pale red cells, with black
+    padding: the box fits the nucleus (the finder before this fix boxed the whole field)."""
+    cell = synthetic_cell(shape=(120, 120), centre=(60, 60), radius=20)
+    rng = np.random.default_rng(round(100 * area))
+    field, truth = wide_field(cell, Truth(60.0, 60.0, 40.0), area,
+                              PALE_PINK if background == "pink" else PALE_BLUISH, rng,
+                              PADDINGS[padding])
+    assert_fits(find_cell(field), truth, f"{background} {padding} {area}")
 
 
 def test_normalise_field_of_view_of_empty_batch() -> None:
@@ -135,11 +205,12 @@ def test_real_cells_are_found_and_cropped_around_their_nucleus(centre: str) -> N
     for path in centre_files(centre):
         image = load(path)
         box = find_cell(image)
-        assert box.found, path.name
+        assert box.found, f"{path.name}: {box.reason}"
         window = crop_window(box, image.shape, 2.2)
-        rows, cols = np.nonzero(nucleus_mask(image))
-        assert inside(rows.mean() + 0.5, cols.mean() + 0.5, window), path.name
-        assert inside(rows + 0.5, cols + 0.5, window).mean() >= 0.95, path.name
+        half = box.size / 2
+        corners = np.array([[box.cy - half, box.cx - half], [box.cy + half, box.cx + half]])
+        corners = np.clip(corners, 0, image.shape[:2])
+        assert inside(corners[:, 0], corners[:, 1], window).all(), path.name
 
 
 def test_barcelona_view_is_tightened_on_the_cell() -> None:
@@ -161,14 +232,20 @@ def test_tight_crops_keep_nearly_the_whole_view(centre: str) -> None:
     assert np.median(sides) >= 0.9
 
 
+def expert_nucleus(path: Path) -> Truth:
+    """Jiangxi's expert nucleus (255 in the ``.png`` mask beside the image) as a box."""
+    rows, cols = np.nonzero(np.asarray(Image.open(path.with_suffix(".png"))) == 255)
+    return Truth(rows.mean() + 0.5, cols.mean() + 0.5,
+                 float(max(np.ptp(rows), np.ptp(cols)) + 1))
+
+
 def test_jiangxi_expert_nucleus_lies_in_the_crop_window() -> None:
     for path in centre_files("jiangxi"):
         image = load(path)
-        expert = np.asarray(Image.open(path.with_suffix(".png")))  # 255 nucleus, 128 cytoplasm
-        expert_centroid = np.argwhere(expert == 255).mean(axis=0) + 0.5
+        expert = expert_nucleus(path)
         box = find_cell(image)
-        assert inside(*expert_centroid, crop_window(box, image.shape, 2.2)), path.name
-        distance = np.hypot(box.cy - expert_centroid[0], box.cx - expert_centroid[1])
+        assert inside(expert.cy, expert.cx, crop_window(box, image.shape, 2.2)), path.name
+        distance = np.hypot(box.cy - expert.cy, box.cx - expert.cx)
         assert distance < 0.15 * min(image.shape[:2]), path.name
 
 
@@ -178,3 +255,89 @@ def test_normalise_field_of_view_on_a_real_batch() -> None:
     assert crops.shape == (len(images), OUT_SIZE, OUT_SIZE, 3) and crops.dtype == np.uint8
     assert found.dtype == bool and found.all()
     assert np.array_equal(crops[0], crop_to_cell(images[0], OUT_SIZE))
+
+
+@cache
+def baseline_boxes() -> dict[str, dict[str, Truth]]:
+    """Per centre, the boxes of the finder before the wide-field fix on the 40 images of
+    ``tests/data/fov_baseline_boxes.json`` where it was right: found, a box under 0.85 of the
+    short side, centred within a quarter of the short side of these cell-centred images."""
+    need_shared_data()
+    right: dict[str, dict[str, Truth]] = {}
+    for centre, boxes in json.loads(BASELINE_BOXES.read_text())["centres"].items():
+        right[centre] = {}
+        for name, (cy, cx, size, found) in boxes.items():
+            with Image.open(SHARED_DATA / name) as image:
+                width, height = image.size
+            short_side = min(height, width)
+            if found and size < 0.85 * short_side and \
+                    np.hypot(cy - height / 2, cx - width / 2) < 0.25 * short_side:
+                right[centre][name] = Truth(cy, cx, size)
+    return right
+
+
+@pytest.mark.parametrize("centre", ["barcelona", "jiangxi", "bccd"])
+def test_boxes_agree_with_the_baseline_where_it_was_right(centre: str) -> None:
+    """Measured on these 40 images: every crop window within 1 pixel of a 64 px crop of the
+    baseline's at Barcelona and BCCD, 38 of 40 at Jiangxi (two pale maroon nuclei, where the
+    baseline boxed one lobe or the new finder boxes the darker part)."""
+    gaps = []
+    for name, old in baseline_boxes()[centre].items():
+        image = load(SHARED_DATA / name)
+        box = find_cell(image)
+        assert box.found, f"{name}: {box.reason}"
+        old_window = crop_window(CellBox(old.cy, old.cx, old.size, True), image.shape, 2.2)
+        new_window = crop_window(box, image.shape, 2.2)
+        scale = 64 / (old_window[2] - old_window[0])
+        gaps.append(scale * max(abs(a - b) for a, b in zip(old_window, new_window, strict=True)))
+    within = np.mean(np.asarray(gaps) <= 1)
+    print(f"{centre}: {len(gaps)} images, crop windows within 1 px at 64 px: {within:.1%}")
+    assert len(gaps) >= 30 and within >= 0.9
+
+
+def real_cells(centre: str, count: int = 2) -> list[tuple[np.ndarray, Truth]]:
+    """``count`` cells of a shared centre with their nucleus box: Jiangxi's expert box, else
+    the baseline's where it was right."""
+    boxes = baseline_boxes()[centre]
+    names = [name for i, name in enumerate(sorted(boxes)) if i % (len(boxes) // count) == 0]
+    return [(load(SHARED_DATA / name),
+             expert_nucleus(SHARED_DATA / name) if centre == "jiangxi" else boxes[name])
+            for name in names[:count]]
+
+
+@cache
+def barcelona_red_cells() -> np.ndarray:
+    """A corner of a Barcelona image holding red cells only (no stained blob)."""
+    for name in sorted(baseline_boxes()["barcelona"]):
+        patch = corner_patch(load(SHARED_DATA / name))
+        if not find_cell(mirror_tiled(patch, FIELD)).found:
+            return patch
+    raise AssertionError("no Barcelona corner without a stained blob")
+
+
+@pytest.mark.parametrize("centre", ["barcelona", "jiangxi", "bccd"])
+def test_wide_fields_made_of_shared_cells(centre: str) -> None:
+    """Real cells downscaled into fields of red cells (a Barcelona corner mirror-tiled, pale
+    pink or bluish synthetic ones), covering 5%, 20% or 60% of the image, with and without
+    black padding: the box centres on the nucleus and matches its size."""
+    backgrounds = {"barcelona": barcelona_red_cells(), "pink": PALE_PINK, "bluish": PALE_BLUISH}
+    rng = np.random.default_rng(7)
+    for i, (image, nucleus) in enumerate(real_cells(centre)):
+        for area in (0.05, 0.2, 0.6):
+            for background_name, background in backgrounds.items():
+                for padding_name, padding in PADDINGS.items():
+                    field, truth = wide_field(image, nucleus, area, background, rng, padding)
+                    assert_fits(find_cell(field), truth,
+                                f"{centre} cell {i}, {area:.0%}, {background_name}, "
+                                f"padding {padding_name}")
+
+
+@pytest.mark.parametrize("padding", list(PADDINGS))
+def test_barcelona_red_cells_alone_are_no_cell(padding: str) -> None:
+    field = mirror_tiled(barcelona_red_cells(), FIELD)
+    for side, fraction in PADDINGS[padding]:
+        band = int(fraction * FIELD)
+        field[{"top": np.s_[:band], "right": np.s_[:, FIELD - band:],
+               "left": np.s_[:, :band]}[side]] = 0
+    box = find_cell(jpeg(field))
+    assert not box.found and box.reason
