@@ -32,6 +32,8 @@ class AugmentHParams:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop width / height
     hed_scale: float = 0.1  # alpha ~ U(1 - s, 1 + s) per stain channel
     hed_shift: float = 0.05  # beta ~ U(-b, b) per stain channel, optical-density units (ln)
+    hed_strong_scale: float = 0.2  # "HED-strong" of Tellez et al. 2019: alpha ~ U(0.8, 1.2)
+    hed_strong_shift: float = 0.2  # and beta ~ U(-0.2, 0.2)
     hue: float = 0.04  # hue shift ~ U(-h, h), fraction of the colour circle
     saturation: float = 0.3  # saturation factor ~ U(1 - s, 1 + s)
     brightness: float = 0.2  # value factor ~ U(1 - b, 1 + b)
@@ -188,20 +190,35 @@ class HedJitter(Augmentation):
 
     def __init__(self, hparams: AugmentHParams) -> None:
         super().__init__(hparams)
+        self.scale, self.shift = self.ranges(hparams)
         rgb_from_hed = torch.tensor(RGB_FROM_HED, dtype=torch.float64)
         rgb_from_hed = rgb_from_hed / rgb_from_hed.norm(dim=1, keepdim=True)
         self.register_buffer("rgb_from_hed", rgb_from_hed.float(), persistent=False)
         self.register_buffer("hed_from_rgb", torch.linalg.inv(rgb_from_hed).float(),
                              persistent=False)
 
+    @staticmethod
+    def ranges(hparams: AugmentHParams) -> tuple[float, float]:
+        """Half-widths of the scale and shift ranges."""
+        return hparams.hed_scale, hparams.hed_shift
+
     def transform(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
-        hp = self.hparams
         density = -x.clamp_min(OD_EPSILON).log()
         stains = torch.einsum("bchw,cs->bshw", density, self.hed_from_rgb.to(x.device))
-        alpha = uniform(1 - hp.hed_scale, 1 + hp.hed_scale, x, generator, channels=3)
-        beta = uniform(-hp.hed_shift, hp.hed_shift, x, generator, channels=3)
+        alpha = uniform(1 - self.scale, 1 + self.scale, x, generator, channels=3)
+        beta = uniform(-self.shift, self.shift, x, generator, channels=3)
         stains = stains * alpha[:, :, None, None] + beta[:, :, None, None]
         return torch.exp(-torch.einsum("bshw,sc->bchw", stains, self.rgb_from_hed.to(x.device)))
+
+
+class HedStrongJitter(HedJitter):
+    """:class:`HedJitter` with the "HED-strong" ranges of Tellez et al. 2019 ("Quantifying the
+    effects of data augmentation and stain color normalization in convolutional neural networks
+    for computational pathology"): alpha ~ U(0.8, 1.2), beta ~ U(-0.2, 0.2) by default."""
+
+    @staticmethod
+    def ranges(hparams: AugmentHParams) -> tuple[float, float]:
+        return hparams.hed_strong_scale, hparams.hed_strong_shift
 
 
 class HsvJitter(Augmentation):
@@ -273,6 +290,7 @@ AUGMENTATIONS: dict[str, type[Augmentation]] = {
     "rot90": Rot90,
     "resized_crop": ResizedCrop,
     "hed_jitter": HedJitter,
+    "hed_strong": HedStrongJitter,
     "hsv_jitter": HsvJitter,
     "grayscale": Grayscale,
     "blur": Blur,
@@ -282,11 +300,15 @@ AUGMENTATIONS: dict[str, type[Augmentation]] = {
 
 _BASIC = ("flip", "rot90", "resized_crop")
 _STAIN = (*_BASIC, "hed_jitter", "hsv_jitter", "grayscale")
+_STAIN_STRONG = (*_BASIC, "hed_strong", "hsv_jitter", "grayscale")
+_DEGRADE = ("blur", "downscale", "noise")
 PRESETS: dict[str, tuple[str, ...]] = {
     "none": (),
     "basic": _BASIC,
     "stain": _STAIN,
-    "domain": (*_STAIN, "blur", "downscale", "noise"),
+    "domain": (*_STAIN, *_DEGRADE),
+    "stain_strong": _STAIN_STRONG,
+    "domain_strong": (*_STAIN_STRONG, *_DEGRADE),
 }
 
 
@@ -301,23 +323,33 @@ def normalise(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 
 
 def to_model_input(batch_u8: Tensor, mean: Sequence[float] = IMAGENET_MEAN,
-                   std: Sequence[float] = IMAGENET_STD) -> Tensor:
-    """Evaluation path: uint8 (B, H, W, 3) to normalised float32 (B, 3, H, W), channels last."""
+                   std: Sequence[float] = IMAGENET_STD,
+                   stain_normaliser: nn.Module | None = None) -> Tensor:
+    """Evaluation path: uint8 (B, H, W, 3) to normalised float32 (B, 3, H, W), channels last.
+
+    ``stain_normaliser`` (``common.stain.build_stain_normaliser``) is applied first, exactly
+    as :class:`Augmenter` applies it in training.
+    """
     device = batch_u8.device
-    return normalise(to_unit_float(batch_u8), channel_stats(mean, device),
-                     channel_stats(std, device))
+    x = to_unit_float(batch_u8)
+    if stain_normaliser is not None:
+        x = stain_normaliser.to(device)(x)
+    return normalise(x, channel_stats(mean, device), channel_stats(std, device))
 
 
 class Augmenter(nn.Module):
     """The named ops applied in order to a uint8 batch, then mean/std normalisation.
 
-    Constants (mean, std, stain matrices) are buffers that move to the batch's device on the
-    first call, so later batches copy nothing from the host.
+    Before the named ops: the deterministic ``stain_normaliser`` (also applied by
+    :func:`to_model_input` at prediction), then the random ``restainer``
+    (``common.stain.Restainer``). Constants (mean, std, stain matrices) are buffers that move
+    to the batch's device on the first call, so later batches copy nothing from the host.
     """
 
     def __init__(self, names: Sequence[str], hparams: AugmentHParams | None = None,
-                 mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD) -> None:
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 stain_normaliser: nn.Module | None = None,
+                 restainer: nn.Module | None = None) -> None:
         super().__init__()
         unknown = [name for name in names if name not in AUGMENTATIONS]
         if unknown:
@@ -326,6 +358,7 @@ class Augmenter(nn.Module):
         self.hparams = hparams or AugmentHParams()
         self.names = tuple(names)
         self.ops = nn.ModuleList(AUGMENTATIONS[name](self.hparams) for name in self.names)
+        self.stain_ops = nn.ModuleList(op for op in (stain_normaliser, restainer) if op is not None)
         self.register_buffer("mean", channel_stats(mean), persistent=False)
         self.register_buffer("std", channel_stats(std), persistent=False)
 
@@ -333,14 +366,16 @@ class Augmenter(nn.Module):
         """uint8 (B, H, W, 3) to augmented, normalised float32 (B, 3, H, W), channels last."""
         self.to(batch_u8.device)  # constants follow the batch; a no-op once they are there
         x = to_unit_float(batch_u8)
-        for op in self.ops:
+        for op in (*self.stain_ops, *self.ops):
             x = op(x, generator)
         return normalise(x, self.mean, self.std)
 
 
-def build_augmenter(spec: str, hparams: AugmentHParams | None = None) -> Augmenter:
+def build_augmenter(spec: str, hparams: AugmentHParams | None = None,
+                    stain_normaliser: nn.Module | None = None,
+                    restainer: nn.Module | None = None) -> Augmenter:
     """Augmenter from a preset name or a comma-separated list of op names."""
     names = PRESETS.get(spec)
     if names is None:
         names = tuple(name.strip() for name in spec.split(",") if name.strip())
-    return Augmenter(names, hparams)
+    return Augmenter(names, hparams, stain_normaliser=stain_normaliser, restainer=restainer)

@@ -92,6 +92,9 @@ def test_presets_nest() -> None:
     assert PRESETS["basic"] == ("flip", "rot90", "resized_crop")
     assert PRESETS["stain"] == (*PRESETS["basic"], "hed_jitter", "hsv_jitter", "grayscale")
     assert PRESETS["domain"] == (*PRESETS["stain"], "blur", "downscale", "noise")
+    assert PRESETS["stain_strong"] == (*PRESETS["basic"], "hed_strong", "hsv_jitter",
+                                       "grayscale")
+    assert PRESETS["domain_strong"] == (*PRESETS["stain_strong"], "blur", "downscale", "noise")
 
 
 @pytest.mark.parametrize("name", ["flip", "rot90"])
@@ -118,6 +121,23 @@ def test_hed_jitter_changes_colour() -> None:
     images = smooth_images()
     out = op("hed_jitter", AugmentHParams(hed_scale=0.3, hed_shift=0.2))(images, seeded(0))
     assert (out - images).abs().mean() > 0.01
+
+
+def test_hed_strong_draws_the_ranges_of_tellez_2019() -> None:
+    defaults = AugmentHParams()
+    assert (defaults.hed_strong_scale, defaults.hed_strong_shift) == (0.2, 0.2)
+    jitter = op("hed_strong")
+    # Two pixels given in HED space, far enough from white that no output is clamped.
+    stains = torch.tensor([[0.5, 0.6, 0.7], [1.0, 0.9, 0.8]])
+    pixels = torch.exp(-stains @ jitter.rgb_from_hed)  # (2 pixels, RGB)
+    images = pixels.T.reshape(1, 3, 1, 2).expand(400, 3, 1, 2).contiguous()
+    out = jitter(images, seeded(0))
+    after = -out.log().permute(0, 2, 3, 1).reshape(400, 2, 3) @ jitter.hed_from_rgb
+    alpha = (after[:, 1] - after[:, 0]) / (stains[1] - stains[0])
+    beta = after[:, 0] - alpha * stains[0]
+    for values, (low, high) in ((alpha, (0.8, 1.2)), (beta, (-0.2, 0.2))):
+        assert values.min() >= low - 1e-3 and values.max() <= high + 1e-3
+        assert values.min() < low + 0.02 and values.max() > high - 0.02
 
 
 def test_hsv_round_trip_and_zero_jitter_is_identity() -> None:
@@ -200,7 +220,8 @@ def test_cpu_and_cuda_agree_in_distribution(preset: str) -> None:
 # Every op made deterministic: probabilities 0 or 1 and zero-width ranges (rot90 aside, whose
 # only randomness is the turn), so CPU and CUDA must compute the same images.
 FIXED = AugmentHParams(flip_p=1.0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0),
-                       hed_scale=0.0, hed_shift=0.0, hue=0.0, saturation=0.0, brightness=0.0,
+                       hed_scale=0.0, hed_shift=0.0, hed_strong_scale=0.0,
+                       hed_strong_shift=0.0, hue=0.0, saturation=0.0, brightness=0.0,
                        grayscale_p=1.0, blur_p=1.0, blur_sigma=(1.0, 1.0), downscale_p=1.0,
                        downscale_factor=(2.0, 2.0), noise_p=1.0, noise_std=(0.0, 0.0))
 
