@@ -16,6 +16,7 @@ import numpy as np
 
 from common.config import RunConfig, resolve_centres, training_centres
 from common.data import CentreData, CentreSpec
+from common.duplicates import load_held_out
 from common.pipeline import centre_splits, fit, load_centre_data, new_model, score, score_held_out
 from common.weights import load_state, model_state
 
@@ -48,18 +49,20 @@ def train_and_select(config: RunConfig, train: CentreData, val: CentreData,
     load_state(model, best_state)
     return {"config": config.to_dict(), "classes": list(train.classes),
             "held_out_centre": config.held_out, "training_centres": trained_on,
+            "held_out_data": dict(held_out.stats),
             "rounds": rounds, "best": {"round": best_round, "selected_by": SELECTED_BY,
                                        **score_held_out(model, held_out, config)}}
 
 
 def _splits(config: RunConfig) -> tuple[list[tuple[CentreSpec, dict[str, CentreData]]],
                                         CentreData]:
-    """Each training centre's splits (as its site would see them) and the whole held-out centre."""
+    """Each training centre's splits (as its site would see them) and the whole held-out centre
+    but for the images a training centre also has."""
     centres = resolve_centres(config)
     held_out = next(c for c in centres if c.name == config.held_out)
     sites = [(spec, centre_splits(load_centre_data(spec, config), spec.split_seed))
              for spec in training_centres(config, centres)]
-    return sites, load_centre_data(held_out, config)
+    return sites, load_held_out(held_out, training_centres(config, centres), config)
 
 
 def pooled(config: RunConfig) -> list[dict]:

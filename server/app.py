@@ -17,8 +17,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig, parse_run_config, resolve_centres, training_centres
+from common.duplicates import load_held_out
 from common.models import batchnorm_keys
-from common.pipeline import load_centre_data, new_model
+from common.pipeline import new_model
 from common.train import images_on_device, resolve_device
 from common.weights import model_state, save_weights
 from server.evaluation import evaluate_held_out
@@ -38,7 +39,7 @@ def main(grid: Grid, context: Context) -> None:
     config = parse_run_config(context.run_config)
     centres = resolve_centres(config)
     held_out_spec = next(c for c in centres if c.name == config.held_out)
-    held_out = load_centre_data(held_out_spec, config)
+    held_out = load_held_out(held_out_spec, training_centres(config, centres), config)
     model = new_model(config, len(held_out.classes))
     bn_keys = batchnorm_keys(model)
     strategy = create_strategy(config, bn_keys)
@@ -82,7 +83,8 @@ def main(grid: Grid, context: Context) -> None:
                               config.round_timeout)
     save_weights(run.path / "final.safetensors", record_to_state(final_arrays), metadata)
     report_path = finalise(run, config, held_out.classes, held_out_spec.taxonomy,
-                           [c.name for c in training_centres(config, centres)], rounds)
+                           [c.name for c in training_centres(config, centres)], rounds,
+                           held_out.stats)
     final = rounds[-1]["held_out"]
     print(f"[cytofed] held-out centre {config.held_out}: macro-F1 {final['macro_f1']:.3f}, "
           f"balanced accuracy {final['balanced_accuracy']:.3f}", flush=True)
@@ -132,7 +134,8 @@ def _held_out_results(round_result: dict) -> dict:
 
 
 def finalise(run: RunDirectory, config: RunConfig, classes: tuple[str, ...], taxonomy: str,
-             training: list[str], rounds: list[dict]) -> Path:
+             training: list[str], rounds: list[dict],
+             held_out_stats: Mapping[str, int] | None = None) -> Path:
     """Write the model card and the report; the best round (exported as the model) is the
     latest with the top sites' validation F1."""
     best = max(rounds, key=lambda r: (_validation_f1(r), r["round"]))
@@ -140,6 +143,7 @@ def finalise(run: RunDirectory, config: RunConfig, classes: tuple[str, ...], tax
         "run_name": config.run_name, "run_dir": str(run.path), "config": config.to_dict(),
         "classes": list(classes), "held_out_centre": config.held_out,
         "training_centres": training, "rounds": rounds,
+        "held_out_data": dict(held_out_stats or {}),
         "final": {"round": rounds[-1]["round"], **_held_out_results(rounds[-1])},
         "best": {"round": best["round"], "selected_by": "sites' validation macro-F1",
                  **_held_out_results(best)},
