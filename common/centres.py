@@ -9,7 +9,17 @@ A centre file describes one site (relative paths are relative to the file)::
     split_seed = 0        # optional
     share_counts = true   # optional: may the site tell the server its class counts
 
-A centres file lists several sites as an array of tables, each with the same keys::
+    [classes]             # optional, any format: the source's class names -> taxonomy class
+    Baso = "basophil"
+    "Neutrófilos" = "neutrophil"
+    Blasts = "drop"       # left out, counted as dropped
+
+Without ``[classes]`` a source class is mapped by its format's table (``common.taxonomy``:
+names in words also by abbreviation, plural, other language or an unambiguous typo); a class
+nothing matches is left out and counted as ``unknown:<class>``, never guessed.
+
+A centres file lists several sites as an array of tables, each with the same keys (a class
+map as ``[centre.classes]``)::
 
     [[centre]]
     name = "barcelona"
@@ -24,9 +34,10 @@ A centres file lists several sites as an array of tables, each with the same key
 
 from __future__ import annotations
 
+import sys
 import tomllib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +46,12 @@ import numpy as np
 from common.data import CentreData, CentreSpec
 from common.imagecache import MODES, load_images
 from common.sources import LOADABLE_FORMATS, SYNTHETIC, SourceRecord, read_records
-from common.taxonomy import TAXONOMIES, map_label
+from common.taxonomy import DROP, TAXONOMIES, check_class_map, match_label
 
 FIELDS: dict[str, type] = {"name": str, "path": str, "format": str, "taxonomy": str,
-                           "split_seed": int, "share_counts": bool}
-TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
+                           "split_seed": int, "share_counts": bool, "classes": dict}
+TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false",
+              dict: f'a table of source class = taxonomy class or "{DROP}"'}
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -81,10 +93,19 @@ def _parse_centre(table: dict[str, Any], base_dir: Path, where: str) -> CentreSp
     if "path" not in table and fmt != SYNTHETIC:
         raise ValueError(f"{where}: field 'path' is missing (the centre's data folder or "
                          "manifest, relative to this file)")
+    classes = table.get("classes", {})
+    if classes and fmt == SYNTHETIC:
+        raise ValueError(f"{where}: synthetic centres have no source classes to map; remove "
+                         "[classes]")
+    try:
+        check_class_map(classes, taxonomy)
+    except ValueError as error:
+        raise ValueError(f"{where}: [classes]: {error}") from error
     path = Path(base_dir) / Path(table["path"]).expanduser() if "path" in table else None
     return CentreSpec(name=table["name"], path=path, format=fmt, taxonomy=taxonomy,
                       split_seed=table.get("split_seed", 0),
-                      share_counts=table.get("share_counts", True))
+                      share_counts=table.get("share_counts", True),
+                      class_map=tuple(classes.items()))
 
 
 def read_centre(path: Path) -> CentreSpec:
@@ -166,13 +187,9 @@ def _load_synthetic(spec: CentreSpec, image_size: int, cache_dir: Path, mode: st
                       {"cell_fallback": int((~found).sum())} if mode == "cell" else {})
 
 
-def usable_records(spec: CentreSpec) -> tuple[list[tuple[SourceRecord, int]], Counter[str]]:
-    """A file-based centre's image files that map to a class of its taxonomy, with the class
-    index, and the number of dropped files per source class; files are listed, not decoded.
-
-    Raises FileNotFoundError or ValueError, naming the centre and its path, when the data path
-    is missing or unreadable, in no known layout, or nothing in it maps to a class.
-    """
+def _usable(spec: CentreSpec) -> tuple[list[tuple[SourceRecord, int]], Counter[str],
+                                        tuple[str, ...]]:
+    """:func:`usable_records` and the reader's notes (label-file columns used)."""
     if spec.taxonomy not in TAXONOMIES:
         raise ValueError(f"centre {spec.name!r}: unknown taxonomy {spec.taxonomy!r}; known: "
                          f"{', '.join(TAXONOMIES)}")
@@ -181,54 +198,95 @@ def usable_records(spec: CentreSpec) -> tuple[list[tuple[SourceRecord, int]], Co
                                 "expected a folder in a known layout or a CSV manifest")
     path = Path(spec.path)
     try:
-        fmt, records = read_records(path, spec.format)
+        fmt, listing = read_records(path, spec.format)
     except PermissionError as error:
         raise ValueError(f"centre {spec.name!r}: cannot read {path}: {error}") from error
     except ValueError as error:
         raise ValueError(f"centre {spec.name!r}: {error}") from error
-    records = _records_of_centre(records, spec.name, path)
+    records = _records_of_centre(listing.records, spec.name, path)
     classes = TAXONOMIES[spec.taxonomy]
-    targets = [map_label(fmt, r.source_class, spec.taxonomy) for r in records]
-    kept = [(r, classes.index(t)) for r, t in zip(records, targets, strict=True) if t]
+    matches = {name: match_label(fmt, name, spec.taxonomy, dict(spec.class_map))
+               for name in sorted({r.source_class for r in records})}
+    kept = [(r, classes.index(target)) for r in records
+            if (target := matches[r.source_class].target)]
+    left_out = Counter(f"{'dropped' if matches[r.source_class].known else 'unknown'}:"
+                       f"{r.source_class}" for r in records if not matches[r.source_class].target)
     if not kept:
-        found = sorted({r.source_class for r in records}) or ["no image files"]
+        found = list(matches) or ["no image files"]
         raise ValueError(f"centre {spec.name!r}: nothing in {path} (format {fmt}) maps to a "
                          f"{spec.taxonomy} class ({', '.join(classes)}); found: "
-                         f"{', '.join(found)}")
-    dropped = Counter(r.source_class for r, t in zip(records, targets, strict=True) if not t)
-    return kept, dropped
+                         f"{', '.join(found)}; map them in the centre file's [classes]")
+    return kept, left_out, listing.notes
+
+
+def usable_records(spec: CentreSpec) -> tuple[list[tuple[SourceRecord, int]], Counter[str]]:
+    """A file-based centre's image files that map to a class of its taxonomy, with the class
+    index, and the files left out per source class: ``dropped:<class>`` (no class in the
+    taxonomy, or mapped to ``drop``) and ``unknown:<class>`` (a name nothing matched). Files
+    are listed, not decoded.
+
+    Raises FileNotFoundError or ValueError, naming the centre and its path, when the data path
+    is missing or unreadable, in no known layout, or nothing in it maps to a class.
+    """
+    kept, left_out, _ = _usable(spec)
+    return kept, left_out
+
+
+def _tell_site(spec: CentreSpec, notes: tuple[str, ...], left_out: Counter[str]) -> None:
+    """How the centre's label files were read and which classes nobody knows, on stderr."""
+    for note in notes:
+        print(f"[cytofed] centre {spec.name!r}: {note}", file=sys.stderr)
+    for key, count in sorted(left_out.items()):
+        if key.startswith("unknown:"):
+            print(f"[cytofed] centre {spec.name!r}: {count} images of class "
+                  f"{key.removeprefix('unknown:')!r} left out: no {spec.taxonomy} class goes by "
+                  "that name; name one (or 'drop') in the centre file's [classes]",
+                  file=sys.stderr)
 
 
 def load_centre(spec: CentreSpec, image_size: int, cache_dir: Path, mode: str = "full",
-                synthetic_images: int = 600) -> CentreData:
+                synthetic_images: int = 600,
+                shared_with_training: Set[str] | None = None) -> CentreData:
     """Images, taxonomy labels and groups of one centre, decoded through the image cache.
 
-    Classes without a target in the taxonomy are dropped and counted (``dropped:<class>``);
-    unreadable files are skipped and counted; byte-identical files and, with a manifest
-    patient column, one patient's images share a group. Raises FileNotFoundError or
-    ValueError, naming the centre and its path, when there is nothing usable to load.
+    Classes without a target in the taxonomy are dropped and counted (``dropped:<class>``,
+    ``unknown:<class>``); unreadable files are skipped and counted; byte-identical files and,
+    with a manifest patient column, one patient's images share a group. A held-out centre
+    passes ``shared_with_training``, the sha256 digests of its files that a training centre
+    also has: they are left out and counted (``shared_with_training``). Raises
+    FileNotFoundError or ValueError, naming the centre and its path, when there is nothing
+    usable to load.
     """
     if mode not in MODES:
         raise ValueError(f"centre {spec.name!r}: unknown preprocessing mode {mode!r}; known: "
                          f"{', '.join(MODES)}")
     if spec.format == SYNTHETIC:
         return _load_synthetic(spec, image_size, cache_dir, mode, synthetic_images)
-    kept, dropped = usable_records(spec)
+    kept, left_out, notes = _usable(spec)
+    _tell_site(spec, notes, left_out)
     loaded = load_images([r.path for r, _ in kept], image_size, cache_dir, mode,
                          label=f"loading {spec.name}")
     if not len(loaded.readable):
         raise ValueError(f"centre {spec.name!r}: none of the {len(kept)} image files in "
                          f"{spec.path} could be read as an image")
-    readable = [kept[i] for i in loaded.readable]
+    keep = np.array([d not in (shared_with_training or ()) for d in loaded.digests])
+    if not keep.any():
+        raise ValueError(f"centre {spec.name!r}: every image in {spec.path} is also in a "
+                         "training centre; nothing is left to hold out")
+    readable = [kept[i] for i in loaded.readable[keep]]
+    digests = [d for d, k in zip(loaded.digests, keep, strict=True) if k]
     stats = {"unreadable": len(loaded.unreadable),
-             "duplicates": len(loaded.digests) - len(set(loaded.digests)),
-             **{f"dropped:{name}": count for name, count in sorted(dropped.items())},
-             **({"cell_fallback": loaded.fallback_count} if mode == "cell" else {})}
+             "duplicates": len(digests) - len(set(digests)),
+             **({} if shared_with_training is None
+                else {"shared_with_training": int((~keep).sum())}),
+             **dict(sorted(left_out.items())),
+             **({"cell_fallback": int(loaded.cell_fallback[keep].sum())}
+                if mode == "cell" and loaded.cell_fallback is not None else {})}
     return CentreData(
         name=spec.name,
         classes=TAXONOMIES[spec.taxonomy],
-        images=loaded.images,
+        images=loaded.images if keep.all() else loaded.images[keep],
         labels=np.array([label for _, label in readable], dtype=np.int64),
-        groups=group_ids(loaded.digests, [r.patient for r, _ in readable]),
+        groups=group_ids(digests, [r.patient for r, _ in readable]),
         stats=stats,
     )

@@ -7,12 +7,12 @@ finding corrupt files, is the image cache's job), with the class name the source
 
 from __future__ import annotations
 
-import csv
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.labelfiles import Column, read_label_table
 from common.taxonomy import MATEK, PBC
 
 SYNTHETIC = "synthetic"  # generated clinics: no files, built by ``common.synthetic``
@@ -29,12 +29,20 @@ class SourceRecord:
 
 
 @dataclass(frozen=True)
+class Listing:
+    """What a reader found: its records and how it read them (label-file columns used)."""
+
+    records: list[SourceRecord]
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class SourceFormat:
     """A layout: how to recognise a folder in it and how to list its records."""
 
     description: str
     detect: Callable[[Path], bool]
-    read: Callable[[Path], list[SourceRecord]]
+    read: Callable[[Path], Listing]
 
 
 def _subfolders(path: Path) -> list[Path]:
@@ -94,9 +102,9 @@ def _detect_pbc(path: Path) -> bool:
     return _class_folders_match(_descend(path, PBC_TOP), PBC_FOLDERS, _PBC_FILE)
 
 
-def _read_pbc(path: Path) -> list[SourceRecord]:
+def _read_pbc(path: Path) -> Listing:
     """Class folders; ``ig`` and ``neutrophil`` are split by the file-name prefix."""
-    return _class_folder_records(_descend(path, PBC_TOP), _pbc_class)
+    return Listing(_class_folder_records(_descend(path, PBC_TOP), _pbc_class))
 
 
 # --- Matek-19 / AML-Cytomorphology_LMU ----------------------------------------------------------
@@ -109,9 +117,9 @@ def _detect_matek(path: Path) -> bool:
     return _class_folders_match(_descend(path, MATEK_TOP), MATEK, _MATEK_FILE)
 
 
-def _read_matek(path: Path) -> list[SourceRecord]:
+def _read_matek(path: Path) -> Listing:
     """Folders named by class code (``BAS``, ``NGS``...) holding ``.tiff`` images."""
-    return _class_folder_records(_descend(path, MATEK_TOP))
+    return Listing(_class_folder_records(_descend(path, MATEK_TOP)))
 
 
 # --- Zheng-18 (segmentation_WBC) ----------------------------------------------------------------
@@ -130,39 +138,50 @@ def _zheng_label_files(path: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def _read_csv_rows(csv_file: Path) -> list[dict[str, str]]:
-    """Rows of a headed CSV (any line ends, optional BOM), keys and values stripped."""
-    with csv_file.open(newline="", encoding="utf-8-sig") as handle:
-        return [{key.strip(): (value or "").strip() for key, value in row.items()
-                 if key is not None} for row in csv.DictReader(handle)]
+ZHENG_COLUMNS = (
+    Column("image ID", ("image_id", "id", "image", "image_no", "image_number", "image_name",
+                        "img_id", "file", "filename", "file_name", "name")),
+    Column("class label", ("class_label", "class", "label", "class_id", "class_code",
+                           "category", "cell_type", "type")),
+)
+_ZHENG_ID = re.compile(r"0*(\d+)(\.\w+)?")  # 7, 007 or 007.bmp
 
 
-def _zheng_records(csv_file: Path, folder: Path) -> list[SourceRecord]:
+def _zheng_id(value: str) -> int | None:
+    match = _ZHENG_ID.fullmatch(value)
+    return int(match.group(1)) if match else None
+
+
+def _zheng_records(csv_file: Path, folder: Path) -> Listing:
     # The PNGs beside the images are segmentation masks; images are matched by number.
     images = {int(p.stem): p for p in _files(folder)
               if p.suffix.lower() != ".png" and p.stem.isdigit()}
+    table = read_label_table(csv_file, ZHENG_COLUMNS,
+                             lambda cells: _zheng_id(cells[0]) is not None)
     records = []
-    for line, row in enumerate(_read_csv_rows(csv_file), start=2):
-        image_id, code = row.get("image ID", ""), row.get("class label", "")
-        if not image_id.isdigit() or not code:
-            raise ValueError(f"{csv_file} line {line}: expected 'image ID,class label' with a "
-                             f"numeric ID and a code, got {row}")
-        path = images.get(int(image_id), folder / f"{int(image_id):03d}.bmp")
-        records.append(SourceRecord(path, code))
-    return records
+    for line, row in table.rows:
+        image_id, code = _zheng_id(row["image ID"]), row["class label"]
+        if image_id is None or not code:
+            raise ValueError(f"{csv_file} line {line}: expected a numeric image ID and a class "
+                             f"code, got {row['image ID']!r} and {code!r}")
+        records.append(SourceRecord(images.get(image_id, folder / f"{image_id:03d}.bmp"), code))
+    return Listing(records, (table.note,))
 
 
 def _detect_zheng(path: Path) -> bool:
     return bool(_zheng_label_files(path))
 
 
-def _read_zheng(path: Path) -> list[SourceRecord]:
-    """Numbered BMPs in ``Dataset N/`` labelled by codes 1-5 in ``Class Labels of Dataset N.csv``.
+def _read_zheng(path: Path) -> Listing:
+    """Numbered BMPs in ``Dataset N/`` labelled by codes 1-5 in ``Class Labels of Dataset N.csv``
+    (``image ID,class label`` in Dataset 1, ``image ID,class`` in Dataset 2; any header variant,
+    order or delimiter).
 
     An ID without an image file yields a record of the missing path (reported unreadable).
     """
-    return [record for csv_file, folder in _zheng_label_files(path)
-            for record in _zheng_records(csv_file, folder)]
+    listings = [_zheng_records(csv_file, folder) for csv_file, folder in _zheng_label_files(path)]
+    return Listing([r for listing in listings for r in listing.records],
+                   tuple(note for listing in listings for note in listing.notes))
 
 
 # --- BCCD crops ----------------------------------------------------------------------------------
@@ -176,10 +195,10 @@ def _detect_bccd(path: Path) -> bool:
     return _class_folders_match(_descend(path, BCCD_TOP), BCCD_FOLDERS, _BCCD_FILE)
 
 
-def _read_bccd(path: Path) -> list[SourceRecord]:
+def _read_bccd(path: Path) -> Listing:
     """Capitalised class folders of crops; a ``labels.csv`` beside them labels the whole smear
     photos (not present), not the crops, and is ignored."""
-    return _class_folder_records(_descend(path, BCCD_TOP))
+    return Listing(_class_folder_records(_descend(path, BCCD_TOP)))
 
 
 # --- Raabin-WBC ----------------------------------------------------------------------------------
@@ -195,10 +214,10 @@ def _detect_raabin(path: Path) -> bool:
     return bool(_raabin_split_folders(path))
 
 
-def _read_raabin(path: Path) -> list[SourceRecord]:
+def _read_raabin(path: Path) -> Listing:
     """Class folders inside ``Train/``, ``TestA/`` and ``TestB/``, all pooled (we split anew)."""
-    return [record for split in _raabin_split_folders(path)
-            for record in _class_folder_records(split)]
+    return Listing([record for split in _raabin_split_folders(path)
+                    for record in _class_folder_records(split)])
 
 
 # --- Generic class-per-folder ---------------------------------------------------------------------
@@ -209,38 +228,48 @@ def _detect_folder(path: Path) -> bool:
     return bool(folders) and all(_files(f) and not _subfolders(f) for f in folders)
 
 
-def _read_folder(path: Path) -> list[SourceRecord]:
-    """One folder of files per class, named in words (``neutrophil``, ``band neutrophils``...);
-    detected when every subfolder holds files and no further folders."""
-    return _class_folder_records(path)
+def _read_folder(path: Path) -> Listing:
+    """One folder of files per class, named in words (``neutrophil``, ``Lymphozyten``,
+    ``Baso``...); detected when every subfolder holds files and no further folders."""
+    return Listing(_class_folder_records(path))
 
 
 # --- CSV manifest --------------------------------------------------------------------------------
 
-MANIFEST_COLUMNS = ("path", "label", "patient", "centre")
+MANIFEST_COLUMNS = (
+    Column("path", ("path", "file", "filename", "file_name", "filepath", "file_path", "image",
+                    "image_path", "image_file", "image_name", "img", "img_path")),
+    Column("label", ("label", "class", "class_label", "class_name", "category", "cell_type",
+                     "type")),
+    Column("patient", ("patient", "patient_id", "subject", "subject_id", "case", "case_id"),
+           required=False),
+    Column("centre", ("centre", "center", "centre_name", "center_name", "site", "hospital"),
+           required=False),
+)
 
 
 def _detect_manifest(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() == ".csv"
 
 
-def _read_manifest(path: Path) -> list[SourceRecord]:
-    """A CSV with header ``path,label[,patient][,centre]``; relative paths are relative to it."""
-    rows = _read_csv_rows(path)
-    if not rows or not {"path", "label"} <= rows[0].keys():
-        raise ValueError(f"manifest {path}: expected a header row with columns "
-                         f"{', '.join(MANIFEST_COLUMNS)} (path and label required) and rows")
+def _read_manifest(path: Path) -> Listing:
+    """A CSV of ``path,label[,patient][,centre]`` (any header variant, order or delimiter);
+    relative paths are relative to it."""
+    table = read_label_table(path, MANIFEST_COLUMNS,
+                             lambda cells: (path.parent / cells[0]).is_file())
     records = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in table.rows:
         if not row["path"] or not row["label"]:
-            raise ValueError(f"manifest {path} line {line}: empty path or label")
+            raise ValueError(f"manifest {path} line {line}: expected an image path and a "
+                             f"label, got {row['path']!r} and {row['label']!r}")
         records.append(SourceRecord(path.parent / row["path"], row["label"],
                                     row.get("patient") or None, row.get("centre") or None))
-    return records
+    return Listing(records, (table.note,))
 
 
 SOURCE_FORMATS: dict[str, SourceFormat] = {
-    "manifest": SourceFormat("CSV file with columns path,label[,patient][,centre]",
+    "manifest": SourceFormat("CSV file with columns path,label[,patient][,centre] (any "
+                             "header variant, order, comma/semicolon/tab)",
                              _detect_manifest, _read_manifest),
     "zheng": SourceFormat("Zheng-18 segmentation_WBC: 'Dataset N/' + 'Class Labels of Dataset "
                           "N.csv'", _detect_zheng, _read_zheng),
@@ -276,8 +305,8 @@ def detect_format(path: Path) -> str:
     raise ValueError(f"{path} is in no known layout; expected one of: {_known_formats()}")
 
 
-def read_records(path: Path, fmt: str = "auto") -> tuple[str, list[SourceRecord]]:
-    """The format (detected when ``auto``) and the records of the source at ``path``."""
+def read_records(path: Path, fmt: str = "auto") -> tuple[str, Listing]:
+    """The format (detected when ``auto``) and the listing of the source at ``path``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")

@@ -18,8 +18,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import parse_run_config, resolve_centres, training_centres
+from common.duplicates import load_held_out
 from common.methods import create_method
-from common.pipeline import load_centre_data, new_model
+from common.pipeline import new_model
 from common.train import images_on_device, resolve_device
 from common.weights import model_state
 from server.evaluation import evaluate_held_out
@@ -38,12 +39,13 @@ def main(grid: Grid, context: Context) -> None:
     centres = resolve_centres(config)
     training = [c.name for c in training_centres(config, centres)]
     held_out_spec = next(c for c in centres if c.name == config.held_out)
-    held_out = load_centre_data(held_out_spec, config)
+    held_out = load_held_out(held_out_spec, training_centres(config, centres), config)
     method = create_method(config)
     model = new_model(config, len(held_out.classes))
     strategy = create_strategy(config, method, method.sent_keys(model))
     dp = private_updates(strategy, config, len(training))
-    recorder = RunRecorder(config, held_out.classes, held_out_spec.taxonomy, training)
+    recorder = RunRecorder(config, held_out.classes, held_out_spec.taxonomy, training,
+                           held_out_data=held_out.stats)
     state = model_state(model)
     if recorder.checkpoint is not None:
         state = {key: recorder.checkpoint[key] for key in state}  # the model's order

@@ -81,8 +81,10 @@ class RunRecorder:
     """
 
     def __init__(self, config: RunConfig, classes: Sequence[str], taxonomy: str,
-                 training_centres: Sequence[str], run_name: str | None = None) -> None:
+                 training_centres: Sequence[str], run_name: str | None = None,
+                 held_out_data: dict[str, int] | None = None) -> None:
         self.config = config
+        self.held_out_data = dict(held_out_data or {})
         self.classes = tuple(classes)
         self.taxonomy = taxonomy
         self.training_centres = list(training_centres)
@@ -145,7 +147,7 @@ class RunRecorder:
             "run_name": self.config.run_name, "run_dir": str(self.path),
             "config": self.config.to_dict(), "classes": list(self.classes),
             "held_out_centre": self.config.held_out, "training_centres": self.training_centres,
-            "rounds": self.rounds,
+            "rounds": self.rounds, "held_out_data": self.held_out_data,
             "final": {"round": self.rounds[-1]["round"], **_held_out_results(self.rounds[-1])},
             "best": {"round": best["round"], "selected_by": selection.SELECTED_BY,
                      **_held_out_results(best), "in_distribution_test": in_distribution,

@@ -108,6 +108,19 @@ def centre_class_counts(report: dict) -> dict[str, list[int]]:
             if "class-counts" in client}
 
 
+def _left_out_of_held_out(report: dict) -> list[str]:
+    """What the held-out centre lost to images a training centre also has, if anything."""
+    data = report.get("held_out_data", {})
+    paragraphs = []
+    if data.get("shared_with_training"):
+        paragraphs.append(f"Left out: {data['shared_with_training']} images that a training "
+                          "centre also holds (byte-identical, or resized or re-encoded copies).")
+    if data.get("training_centres_unchecked"):
+        paragraphs.append(f"Not checked for shared images: {data['training_centres_unchecked']} "
+                          "training centre(s) whose data is not on the server.")
+    return paragraphs
+
+
 def _held_out_section(report: dict, run_dir: Path) -> Section:
     final, best = report["final"], report["best"]
     adapted = [k for k in ("final", "best") if report[k].get("held_out_bn_adapted")]
@@ -127,6 +140,7 @@ def _held_out_section(report: dict, run_dir: Path) -> Section:
         f"Every image of {report['held_out_centre']}, a centre that never trained, scored by "
         "the server. Macro-F1 and balanced accuracy weigh rare cells like common ones. The "
         f"best round is chosen by the {best['selected_by']}, never by held-out labels."]
+    paragraphs += _left_out_of_held_out(report)
     return Section(f"Held-out centre {report['held_out_centre']}", tuple(paragraphs),
                    (metrics, per_class),
                    (Plot(run_dir / "confusion_matrix.png", "confusion matrix, final round"),

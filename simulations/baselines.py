@@ -20,6 +20,7 @@ import numpy as np
 
 from common.config import RunConfig, resolve_centres, training_centres
 from common.data import CentreData
+from common.duplicates import load_held_out
 from common.methods import create_method
 from common.pipeline import (
     centre_splits,
@@ -56,7 +57,7 @@ def run_centralised(config: RunConfig) -> list[Path]:
     held_out_spec = next(c for c in centres if c.name == config.held_out)
     splits = {spec.name: centre_splits(load_centre_data(spec, config), spec.split_seed)
               for spec in training_centres(config, centres)}
-    held_out = load_centre_data(held_out_spec, config)
+    held_out = load_held_out(held_out_spec, training_centres(config, centres), config)
     partitions = method.partitions(list(splits))
     return [train_partition(config, {c: splits[c] for c in partition}, held_out,
                             held_out_spec.taxonomy,
@@ -70,7 +71,8 @@ def train_partition(config: RunConfig, sites: dict[str, dict[str, CentreData]],
     """One model on the pooled training splits of ``sites`` (centre -> its splits), validated
     and tested on their own splits; returns its report.json."""
     train = concatenate([s["train"] for s in sites.values()], "+".join(sites))
-    recorder = RunRecorder(config, train.classes, taxonomy, list(sites), run_name)
+    recorder = RunRecorder(config, train.classes, taxonomy, list(sites), run_name,
+                           held_out_data=held_out.stats)
     model = new_model(config, len(train.classes))
     if recorder.checkpoint is not None:
         load_state(model, recorder.checkpoint)

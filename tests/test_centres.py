@@ -162,3 +162,78 @@ def test_cli_inspect_prints_target_counts_as_json(wbc_class_folders, capsys):
     assert "broken.jpg" in capsys.readouterr().out
     assert main(["data", "inspect", str(wbc_class_folders / "missing")]) == 2
     assert "cytofed data: error:" in capsys.readouterr().err
+
+
+LAB_FOLDERS = {"Grans": 3, "Neutrófilos": 2, "Blasts": 2, "Artefacts": 1, "Lymphozyten": 2,
+               "eosinophil": 2}
+LAB_CENTRE = """name = "my-lab"
+path = "wbc"
+format = "folder"
+
+[classes]
+Grans = "neutrophil"
+"Neutrófilos" = "neutrophil"
+Blasts = "drop"
+Promonocytes = "monocyte"
+"""
+
+
+def test_class_map_renames_drops_and_unknown_folders_are_reported(tmp_path, write_wbc_image,
+                                                                   capsys, monkeypatch):
+    for c, (folder, count) in enumerate(LAB_FOLDERS.items()):
+        for i in range(count):
+            write_wbc_image(tmp_path / "wbc" / folder / f"{i}.png", seed=10 * c + i)
+    toml = write(tmp_path / "my-lab.toml", LAB_CENTRE)
+
+    spec = read_centre(toml)
+    data = load_centre(spec, 16, tmp_path / "cache")
+
+    assert spec.class_map[0] == ("Grans", "neutrophil")
+    assert dict(zip(data.classes, data.class_counts().tolist(), strict=True)) == {
+        "neutrophil": 5, "lymphocyte": 2, "monocyte": 0, "eosinophil": 2, "basophil": 0}
+    assert data.stats == {"unreadable": 0, "duplicates": 0, "dropped:Blasts": 2,
+                          "unknown:Artefacts": 1}
+    assert "1 images of class 'Artefacts' left out" in capsys.readouterr().err
+
+    monkeypatch.setenv("CYTOFED_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["data", "inspect", str(toml)]) == 0
+    out = capsys.readouterr().out
+    assert "== centre my-lab ==" in out
+    assert "unknown classes, left out (name them in the centre file's [classes]): " \
+           "'Artefacts' 1" in out
+    assert "[classes] keys that match no source class: Promonocytes" in out
+    assert "would train on 9 images (48 px, field of view full): neutrophil 5, lymphocyte 2" in out
+    assert "load counts: unreadable 0, duplicates 0, dropped:Blasts 2, unknown:Artefacts 1" in out
+    assert main(["data", "inspect", str(toml), "--json"]) == 0
+    [centre] = json.loads(capsys.readouterr().out)["centres"]
+    assert centre["loaded"]["stats"] == data.stats
+    assert centre["source"]["classes"]["folder:Lymphozyten"] == {
+        "target": "lymphocyte", "rule": "alias of lymphocyte"}
+    assert main(["data", "inspect", str(toml), "--format", "pbc"]) == 2
+    assert "sets its own format" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ('name = "a"\npath = "x"\n[classes]\nBaso = "basophils"\n',
+     r"\[classes\]: class 'Baso' maps to 'basophils'; expected a wbc5 class"),
+    ('name = "a"\npath = "x"\nclasses = "basophil"\n', "field 'classes' must be a table"),
+    ('name = "a"\nformat = "synthetic"\n[classes]\nBaso = "basophil"\n',
+     "synthetic centres have no source classes"),
+])
+def test_bad_class_maps_are_refused_naming_the_file(tmp_path, body, message):
+    path = write(tmp_path / "site.toml", body)
+    with pytest.raises(ValueError, match=message) as error:
+        read_centre(path)
+    assert str(path) in str(error.value)
+
+
+def test_class_map_applies_to_coded_formats(tmp_path, write_wbc_image):
+    root = tmp_path / "segmentation_WBC"
+    for i in range(1, 4):
+        write_wbc_image(root / "Dataset 1" / f"{i:03d}.bmp", seed=i)
+    (root / "Class Labels of Dataset 1.csv").write_text("image ID,class\n1,1\n2,5\n3,9\n")
+    toml = write(tmp_path / "zheng.toml", f'name = "z"\npath = "{root}"\n'
+                 '[classes]\n5 = "drop"\n9 = "monocyte"\n')
+    data = load_centre(read_centre(toml), 16, tmp_path / "cache")
+    assert data.class_counts().tolist() == [1, 0, 1, 0, 0]
+    assert data.stats["dropped:5"] == 1

@@ -10,11 +10,21 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from common.data import CentreSpec
+from common.duplicates import (
+    NEAR_DUPLICATE_SIMILARITY,
+    cross_centre_duplicates,
+    hash_centre,
+    perceptual_hash,
+    similarity,
+)
 from common.inspect import inspect_source
 from common.sources import detect_format
 from common.taxonomy import map_label
+from simulations.bench_duplicates import copies
 
 SHARED = Path(os.environ.get("CYTOFED_SHARED_DATA",
                              Path(__file__).resolve().parents[1].parent / "shared/data/wbc"))
@@ -62,6 +72,8 @@ def test_barcelona_wbc13_from_its_source_classes(barcelona):
 def test_jiangxi_300_images_one_basophil():
     report = inspect_source(JIANGXI)
     assert report["format"] == "zheng" and report["readable"] == 300
+    assert report["label_files"] == ["Class Labels of Dataset 1.csv: image ID = 'image ID', "
+                                     "class label = 'class label' (by name, comma-separated)"]
     assert report["target_counts"] == {"neutrophil": 176, "lymphocyte": 53, "monocyte": 48,
                                        "eosinophil": 22, "basophil": 1}
     assert not report["unreadable"] and not report["dropped_counts"]
@@ -72,3 +84,29 @@ def test_bccd_351_crops():
     assert report["format"] == "bccd" and report["readable"] == 351
     assert report["target_counts"] == {"neutrophil": 207, "lymphocyte": 33, "monocyte": 20,
                                        "eosinophil": 88, "basophil": 3}
+
+
+@pytest.fixture(scope="module")
+def shared_centres():
+    return [CentreSpec("barcelona", BARCELONA, "pbc"), CentreSpec("jiangxi", JIANGXI, "zheng"),
+            CentreSpec("bccd", BCCD, "bccd")]
+
+
+@pytest.fixture(scope="module")
+def hash_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_no_image_is_taken_for_one_of_another_centre(shared_centres, hash_cache):
+    """Every pair of wbc5 images from two of the three centres (about 3.6 million) is compared;
+    ``python -m simulations.bench_duplicates`` measures all 6 million pairs of all classes."""
+    assert cross_centre_duplicates(shared_centres, hash_cache) == []
+
+
+def test_resized_re_encoded_copies_of_real_cells_are_found(shared_centres, hash_cache):
+    for spec in shared_centres:
+        files = hash_centre(spec, hash_cache).files[::97][:3]
+        for path in files:
+            data = path.read_bytes()
+            made = np.array([perceptual_hash(copy) for copy in copies(data)])
+            assert similarity(perceptual_hash(data), made).min() >= NEAR_DUPLICATE_SIMILARITY

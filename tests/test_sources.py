@@ -27,7 +27,8 @@ def test_matek_layout_and_16_bit_greyscale_tiff(tmp_path, write_wbc_image):
     Image.fromarray(ramp).save(root / "NGS" / "NGS_0001.tiff")
     assert Image.open(root / "NGS" / "NGS_0001.tiff").mode == "I;16"
 
-    fmt, records = read_records(tmp_path)  # the usual top folder is entered
+    fmt, listing = read_records(tmp_path)  # the usual top folder is entered
+    records = listing.records
 
     assert fmt == "matek"
     assert classes_of(records, root) == [("BAS/BAS_0001.tiff", "BAS"),
@@ -57,7 +58,8 @@ def test_generic_folder_converts_every_colour_mode(tmp_path, write_wbc_image):
     write_wbc_image(root / "neutrophil" / "cmyk.jpg", mode="CMYK")
     write_wbc_image(root / "neutrophil" / "grey.jpg", mode="L")
 
-    fmt, records = read_records(root)
+    fmt, listing = read_records(root)
+    records = listing.records
     loaded = load_images([r.path for r in records], 24, tmp_path / "cache")
 
     assert fmt == "folder"
@@ -77,7 +79,8 @@ def test_raabin_pools_its_splits_and_ignores_folder_case(tmp_path, write_wbc_ima
                                           ("TestA", "Lymphocyte"), ("TestB", "MONOCYTE")]):
         write_wbc_image(tmp_path / split / name / f"{seed}.jpg", seed=seed)
 
-    fmt, records = read_records(tmp_path)
+    fmt, listing = read_records(tmp_path)
+    records = listing.records
 
     assert fmt == "raabin"
     assert [map_label(fmt, r.source_class, "wbc5") for r in records] == [
@@ -94,7 +97,8 @@ def test_pbc_prefixes_split_immature_granulocytes_and_neutrophils(tmp_path, writ
             write_wbc_image(root / folder / name, seed=seed)
     (root / "neutrophil" / ".DS_9.jpg").write_bytes(b"\x00\x05\x16\x07 macOS metadata")
 
-    fmt, records = read_records(root)
+    fmt, listing = read_records(root)
+    records = listing.records
 
     assert fmt == "pbc"
     assert classes_of(records, root) == [
@@ -118,7 +122,8 @@ def test_zheng_reads_any_dataset_number_and_skips_masks(tmp_path, write_wbc_imag
     (root / "Class Labels of Dataset 2.csv").write_bytes(
         b"image ID,class label\r\n1,1\r\n2,5\r\n3,2\r\n4,4\r\n5,3\r\n")
 
-    fmt, records = read_records(root)
+    fmt, listing = read_records(root)
+    records = listing.records
     loaded = load_images([r.path for r in records], 16, tmp_path / "cache")
 
     assert fmt == "zheng"
@@ -151,10 +156,84 @@ def test_manifest_groups_patients_and_byte_identical_files(tmp_path, write_wbc_i
     assert len(set(groups)) == 5
 
 
-def test_manifest_needs_path_and_label_columns(tmp_path):
+ZHENG_ROWS = [(1, "1"), (2, "5"), (3, "2")]
+
+
+@pytest.mark.parametrize(("body", "used"), [
+    (b"image ID,class label\r\n1,1\r\n2,5\r\n3,2\r\n",  # Dataset 1, as published
+     "image ID = 'image ID', class label = 'class label' (by name, comma-separated)"),
+    (b"image ID,class\n1,1\n2,5\n3,2\n",  # Dataset 2, as published
+     "image ID = 'image ID', class label = 'class' (by name, comma-separated)"),
+    ("\ufeffClass ; Image-ID\n1;1\n\n5;002\n2;3.bmp\n".encode(),  # Excel: BOM, reordered
+     "image ID = 'Image-ID', class label = 'Class' (by name, semicolon-separated)"),
+    (b"Bild\tKlasse\n1\t1\n2\t5\n3\t2\n",  # two columns named in no known way
+     "image ID = 'Bild', class label = 'Klasse' (by position, tab-separated)"),
+    (b"1,1\n2,5\n3,2\n",  # no header row at all
+     "image ID = 'column 1', class label = 'column 2' (by position, no header row"),
+])
+def test_zheng_label_file_variants(tmp_path, write_wbc_image, body, used):
+    root = tmp_path / "segmentation_WBC"
+    for i in range(1, 4):
+        write_wbc_image(root / "Dataset 1" / f"{i:03d}.bmp", seed=i)
+    (root / "Class Labels of Dataset 1.csv").write_bytes(body)
+
+    fmt, listing = read_records(root)
+
+    assert fmt == "zheng"
+    assert classes_of(listing.records, root) == [(f"Dataset 1/{i:03d}.bmp", code)
+                                                 for i, code in ZHENG_ROWS]
+    [note] = listing.notes
+    assert note.startswith(f"Class Labels of Dataset 1.csv: {used}")
+    report = inspect_source(root)
+    assert report["label_files"] == list(listing.notes)
+    assert report["target_counts"]["basophil"] == 1
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("image ID,class label\n1,1\nseven,2\n",
+     r"Dataset 1\.csv line 3: expected a numeric image ID and a class code, got 'seven'"),
+    ("image ID,class label\n1,1\n2\n",
+     r"line 3: expected at least 2 comma-separated columns \(image ID, class label\), got 1"),
+    ("number;stain;label\n1;MGG;1\n",
+     r"line 1: no column for 'image ID'; expected a header naming 'image ID' \(image_id, id, "
+     r"image, \.\.\.\) and 'class label'.*found 3: number, stain, label"),
+    ("", r"Dataset 1\.csv: empty; expected a header row"),
+])
+def test_a_label_file_that_cannot_be_read_names_its_line(tmp_path, write_wbc_image, body,
+                                                         message):
+    root = tmp_path / "segmentation_WBC"
+    write_wbc_image(root / "Dataset 1" / "001.bmp")
+    (root / "Class Labels of Dataset 1.csv").write_text(body)
+    with pytest.raises(ValueError, match=message):
+        read_records(root)
+
+
+@pytest.mark.parametrize(("name", "body", "used"), [
+    ("site.csv", "Class;File name;Patient ID\nmonocyte;a.png;p1\nbasophil;b.png;p1\n",
+     "path = 'File name', label = 'Class', patient = 'Patient ID' (by name, semicolon"),
+    ("site.csv", "filename\tlabel\tcenter\na.png\tmonocyte\tnorth\nb.png\tbasophil\tnorth\n",
+     "path = 'filename', label = 'label', centre = 'center' (by name, tab"),
+    ("site.csv", "a.png,monocyte\nb.png,basophil\n",
+     "path = 'column 1', label = 'column 2' (by position, no header row"),
+])
+def test_manifest_columns_by_name_variant_or_position(tmp_path, write_wbc_image, name, body,
+                                                      used):
+    for seed, file in enumerate(("a.png", "b.png")):
+        write_wbc_image(tmp_path / file, seed=seed)
+    (tmp_path / name).write_text(body)
+
+    fmt, listing = read_records(tmp_path / name)
+
+    assert fmt == "manifest"
+    assert [(r.path.name, r.source_class) for r in listing.records] == [
+        ("a.png", "monocyte"), ("b.png", "basophil")]
+    assert used in listing.notes[0]
+
+
+def test_manifest_without_path_and_label_columns_is_refused(tmp_path):
     manifest = tmp_path / "bad.csv"
-    manifest.write_text("file,class\na.png,neutrophil\n")
-    with pytest.raises(ValueError, match=r"bad\.csv.*path, label"):
+    manifest.write_text("slide,stain,reader\n1,MGG,A\n")
+    with pytest.raises(ValueError, match=r"bad\.csv line 1: no column for 'path'.*'label'"):
         read_records(manifest)
 
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 import pytest
 
 from common.taxonomy import (
+    ALIASES,
     MAPPED_TAXONOMIES,
     MAPPINGS,
     MATEK,
+    NAMED,
     TAXONOMIES,
+    LabelMatch,
+    check_class_map,
     map_label,
+    match_label,
     normalise_class_name,
 )
 
@@ -80,3 +85,64 @@ def test_unknown_taxonomy_or_format_is_an_error():
         map_label("pbc", "basophil", "wbc7")
     with pytest.raises(ValueError, match="format 'tiff'"):
         map_label("tiff", "basophil", "wbc5")
+
+
+@pytest.mark.parametrize(("source", "wbc5", "rule"), [
+    ("neut", "neutrophil", "alias of neutrophil"),
+    ("Lymp", "lymphocyte", "alias of lymphocyte"),
+    ("mono", "monocyte", "alias of monocyte"),
+    ("eos", "eosinophil", "alias of eosinophil"),
+    ("Baso", "basophil", "alias of basophil"),
+    ("Basos", "basophil", "alias of basophil"),
+    ("Neutrófilos", "neutrophil", "alias of neutrophil"),
+    ("Lymphozyten", "lymphocyte", "alias of lymphocyte"),
+    ("linfociti", "lymphocyte", "alias of lymphocyte"),
+    ("éosinophiles", "eosinophil", "alias of eosinophil"),
+    ("Eosinophils", "eosinophil", "table"),
+    ("lymphocite", "lymphocyte", "typo of lymphocyte"),
+    ("Esoinophil", "eosinophil", "typo of eosinophil"),
+    ("monocytess", "monocyte", "typo of monocyte"),
+    ("PLT", None, "alias of platelet"),  # known, no wbc5 class: dropped
+])
+def test_lab_folder_names_by_abbreviation_plural_language_or_typo(source, wbc5, rule):
+    assert match_label("folder", source, "wbc5") == LabelMatch(wbc5, rule)
+
+
+@pytest.mark.parametrize("source", ["Blasts", "seg", "myelo", "cells", "lymhp", "Neutrophilic",
+                                    "artefact", "7"])
+def test_names_nothing_matches_are_unknown_never_guessed(source):
+    match = match_label("folder", source, "wbc5")
+    assert match.target is None and not match.known
+
+
+def test_class_map_comes_first_for_any_format():
+    class_map = {"Blasts": "drop", "neutrophil": "drop", "Grans": "neutrophil", "5": "drop",
+                 "Lymphocyte": "monocyte"}
+    matched = {(fmt, source): match_label(fmt, source, "wbc5", class_map)
+               for fmt, source in [("folder", "BLASTS"), ("folder", "grans"),
+                                   ("bccd", "Lymphocytes"), ("pbc", "neutrophil/SNE"),
+                                   ("zheng", "5")]}
+    assert {key: m.target for key, m in matched.items()} == {
+        ("folder", "BLASTS"): None, ("folder", "grans"): "neutrophil",
+        ("bccd", "Lymphocytes"): "monocyte", ("pbc", "neutrophil/SNE"): None,
+        ("zheng", "5"): None}
+    assert {m.rule for m in matched.values()} == {"class map"}
+    assert match_label("zheng", "4", "wbc5", class_map) == LabelMatch("eosinophil", "table")
+
+
+@pytest.mark.parametrize(("class_map", "message"), [
+    ({"Baso": "basophils"}, r"'Baso' maps to 'basophils'; expected a wbc5 class \(neutrophil"),
+    ({"Blasts": "myeloblast"}, r"expected a wbc5 class .* or 'drop'"),
+    ({"Baso": "basophil", "baso ": "drop"}, r"classes 'Baso' and 'baso ' are the same name"),
+])
+def test_a_bad_class_map_is_refused(class_map, message):
+    with pytest.raises(ValueError, match=message):
+        check_class_map(class_map, "wbc5")
+    check_class_map({"Blasts": "myeloblast"}, "wbc13")
+
+
+def test_aliases_name_classes_of_the_table_and_never_clash():
+    aliases = [normalise_class_name(a) for names in ALIASES.values() for a in names]
+    assert set(ALIASES) <= set(NAMED)
+    assert len(set(aliases)) == len(aliases)
+    assert not set(aliases) & {normalise_class_name(name) for name in NAMED}
