@@ -199,7 +199,7 @@ def test_loco_leaves_shared_images_out_of_the_held_out_centre(centres_with_share
                  "--strategies", "pooled", "--model", "test_resnet", "--image-size", "16",
                  "--rounds", "1", "--device", "cpu", "--out", str(out), "--run-config",
                  f"augment='none' cache-dir='{tmp_path / 'cache'}'"]) == 0
-    [report_path] = out.glob("runs/held-pooled-ce-s0/report.json")
+    [report_path] = out.glob("runs/*-held-pooled-ce-s0/report.json")
     report = json.loads(report_path.read_text())
     assert report["held_out_data"]["shared_with_training"] == 2
     confusion = np.asarray(report["best"]["held_out"]["confusion_matrix"])
