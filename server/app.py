@@ -18,13 +18,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig, parse_run_config, resolve_centres, training_centres
 from common.models import batchnorm_keys
-from common.pipeline import load_centre_data, new_model
-from common.train import images_on_device, resolve_device
+from common.pipeline import new_model
 from common.weights import model_state, save_weights
-from server.evaluation import evaluate_held_out
 from server.export import export_model
 from server.federation import RoundResult, exchange, run_rounds
+from server.held_out import open_held_out
 from server.privacy import privacy_summary, private_updates
+from server.production import refuse_synthetic_in_production
 from server.report import write_report
 from server.rundir import RunDirectory
 from server.strategies import create_strategy, record_to_state, state_to_record
@@ -36,9 +36,11 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured federation and write ``<output-dir>/<time>-<run-name>/``."""
     config = parse_run_config(context.run_config)
+    refuse_synthetic_in_production(config, grid)
     centres = resolve_centres(config)
     held_out_spec = next(c for c in centres if c.name == config.held_out)
-    held_out = load_centre_data(held_out_spec, config)
+    held_out = open_held_out(config, held_out_spec, grid)  # images stay at the site with "site"
+    grid = held_out.training_grid
     model = new_model(config, len(held_out.classes))
     bn_keys = batchnorm_keys(model)
     strategy = create_strategy(config, bn_keys)
@@ -53,11 +55,8 @@ def main(grid: Grid, context: Context) -> None:
         print(f"[cytofed] resuming {run.path} after round {completed}", flush=True)
     metadata = {"config": config.to_dict(), "classes": list(held_out.classes)}
 
-    held_out_images = images_on_device(held_out.images, resolve_device(config.device))
-
     def evaluate(server_round: int, arrays) -> dict[str, dict | None]:
-        return evaluate_held_out(model, record_to_state(arrays), held_out, config,
-                                 held_out_images)
+        return held_out.evaluate(server_round, model, arrays)
 
     def finish_round(result: RoundResult, arrays) -> None:
         state = record_to_state(arrays)
