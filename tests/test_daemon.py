@@ -85,7 +85,7 @@ def test_refusal_exits_non_zero_naming_the_problem(tmp_path, keys, capsys):
     assert "centre file" in capsys.readouterr().err
     bad_key = site_args(centre_file(tmp_path, 'name = "clinic-a"\nformat = "synthetic"\n'),
                         keys, "--allow-synthetic")
-    bad_key[bad_key.index("--auth-key") + 1] = str(keys / "ca.key")  # PEM, not OpenSSH
+    bad_key[bad_key.index("--auth-key") + 1] = str(keys / "superlink.key")  # PEM, not OpenSSH
     assert main(bad_key) == 2
     assert "not an unencrypted OpenSSH private key" in capsys.readouterr().err
 
