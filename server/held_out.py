@@ -115,14 +115,23 @@ def held_out_metrics(replies: list[Message], classes: tuple[str, ...]) -> dict[s
 
 def find_evaluator(grid: Grid, config: RunConfig) -> tuple[int, set[int]]:
     """The node id of the held-out centre's evaluator site, and those of every node in the
-    evaluator role; waits up to ``round-timeout`` seconds for it to come online."""
+    evaluator role; waits up to ``round-timeout`` seconds for it to come online.
+
+    A node is trusted as the evaluator only if it says so (role query) and the operator
+    registered its key under the held-out centre's name (``flwr supernode register ...
+    --name <centre>``): a training site cannot make itself the judge.
+    """
     deadline = time.monotonic() + config.round_timeout
     waiting = False
     while True:
-        roles = node_roles(grid, list(grid.get_node_ids()),
-                           min(config.round_timeout, ROLE_QUERY_TIMEOUT))
+        names = {node.node_id: node.name for node in grid.get_nodes()}
+        roles = node_roles(grid, list(names), min(config.round_timeout, ROLE_QUERY_TIMEOUT))
         evaluators = {node for node, (role, _) in roles.items() if role == EVALUATOR}
-        matching = sorted(n for n in evaluators if roles[n][1] == config.held_out)
+        claiming = sorted(n for n in evaluators if roles[n][1] == config.held_out)
+        matching = [n for n in claiming if names[n] == config.held_out]
+        for node in sorted(set(claiming) - set(matching)):
+            print(f"[cytofed] node {node} says it is the evaluator of {config.held_out!r} but "
+                  f"was registered as {names[node]!r}: not trusted", flush=True)
         if len(matching) > 1:
             raise RuntimeError(f"{len(matching)} evaluator sites hold centre "
                                f"{config.held_out!r} (nodes {matching}): stop all but one")
@@ -132,8 +141,9 @@ def find_evaluator(grid: Grid, config: RunConfig) -> tuple[int, set[int]]:
             return matching[0], evaluators
         if time.monotonic() + RETRY_SECONDS >= deadline:
             raise RuntimeError(f"no evaluator site of the held-out centre {config.held_out!r} "
-                               f"came online within the round timeout; start `cytofed site "
-                               f"--role evaluator` at that centre")
+                               "came online within the round timeout; start `cytofed site "
+                               "--role evaluator` at that centre, its key registered with "
+                               f"--name {config.held_out}")
         if not waiting:
             print(f"[cytofed] waiting for the evaluator site of the held-out centre "
                   f"{config.held_out!r}", flush=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -49,15 +50,22 @@ def centre_file(folder: Path, name: str) -> str:
 
 class SitesGrid:
     """Delivers each message to the real ClientApp of its node, at once; ``fail`` counts how
-    many held-out messages get an error instead of an answer."""
+    many held-out messages get an error instead of an answer. Each node is registered under
+    its centre's name unless ``names`` says otherwise."""
 
     def __init__(self, node_configs: dict[int, dict], run_config: dict, fail: int = 0) -> None:
         self.node_configs, self.run_config, self.fail = node_configs, run_config, fail
+        self.names: dict[int, str] = {}
         self.replies: dict[str, Message] = {}
         self.sent: list[Message] = []
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_configs)
+
+    def get_nodes(self) -> list[SimpleNamespace]:
+        return [SimpleNamespace(node_id=node, name=self.names.get(
+                    node, Path(config.get("centre-config", "?")).stem))
+                for node, config in self.node_configs.items()]
 
     def push_messages(self, messages) -> list[str]:
         ids = []
@@ -167,6 +175,20 @@ def test_the_server_asks_again_after_a_failed_answer_and_then_gives_up(tmp_path)
                         CentreSpec("clinic-d", format="synthetic"), grid)
     with pytest.raises(RuntimeError, match=r"node 9\), round 2: it answered with an error"):
         short.evaluate(2, model, global_arrays())
+
+
+def test_a_training_site_cannot_make_itself_the_evaluator(tmp_path, capsys):
+    grid = deployment(tmp_path)
+    grid.node_configs[1], grid.names[1] = grid.node_configs[9], "clinic-a"
+    site = SiteHeldOut(parse_run_config(RUN_CONFIG), CentreSpec("clinic-d"), grid)
+    assert site.node_id == 9
+    assert sorted(site.training_grid.get_node_ids()) == [2, 3]  # it refuses training anyway
+    assert "node 1 says it is the evaluator of 'clinic-d' but was registered as 'clinic-a'" \
+        in capsys.readouterr().out
+    del grid.node_configs[9]
+    with pytest.raises(RuntimeError, match="registered with --name clinic-d"):
+        SiteHeldOut(parse_run_config({**RUN_CONFIG, "round-timeout": 0.2}),
+                    CentreSpec("clinic-d"), grid)
 
 
 def test_the_server_refuses_to_start_without_exactly_one_evaluator_of_the_held_out_centre(
