@@ -78,8 +78,8 @@ class SiteHeldOut:
             try:
                 return held_out_metrics(replies, self.classes)
             except ValueError as error:
-                problem = f"held-out evaluator site (node {self.node_id}), round " \
-                          f"{server_round}: {error}"
+                problem = (f"held-out evaluator site (node {self.node_id}), round "
+                           f"{server_round}: {error}")
             if time.monotonic() + RETRY_SECONDS >= deadline:
                 raise RuntimeError(f"{problem}; no valid held-out metrics within the round "
                                    "timeout, the run stops")
