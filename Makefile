@@ -1,8 +1,8 @@
 # cytofed: `make run` trains on the embedded synthetic clinics, `make test` runs the test suite.
 PYTHON ?= python3
-VENV := .venv
-BIN := $(CURDIR)/$(VENV)/bin
-# Flower's home (local SuperLink state, installed app bundles) stays inside the project.
+VENV ?= $(CURDIR)/.venv
+BIN := $(VENV)/bin
+# Flower's home (installed app bundles) stays inside the project.
 export FLWR_HOME := $(CURDIR)/.flwr
 export PATH := $(BIN):$(PATH)
 RUN_CONFIG ?=
@@ -14,11 +14,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
-.PHONY: install run test lint stop-superlink
+.PHONY: install run test lint
 install: $(VENV)/.installed
 
+# The local SuperLink gets free ports and is stopped, with everything the run started, by
+# process id when the run ends (simulations/local_run.py): checkouts never share one.
 run: $(VENV)/.installed
-	$(BIN)/flwr run . --stream --federation-config "num-supernodes=$(SUPERNODES) client-resources-num-cpus=1" \
+	$(BIN)/python -m simulations.local_run -- \
+	  $(BIN)/flwr run . --stream --federation-config "num-supernodes=$(SUPERNODES) client-resources-num-cpus=1" \
 	  --run-config "output-dir='$(CURDIR)/runs' cache-dir='$(CURDIR)/.cache/cytofed' $(RUN_CONFIG)"
 
 test: $(VENV)/.installed
@@ -26,6 +29,3 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
-
-stop-superlink:
-	-pkill -f "flower-superlink.*--simulation" || true

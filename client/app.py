@@ -18,14 +18,16 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.evaluator import register_role_handlers, site_role_mod
 from client.faults import fault_injection_mod
 from client.privacy import dp_clipping_mod
 from client.site import Site, open_site
 from common.pipeline import fit, round_seed, score_as_applied
 from common.selection import site_report
 
-# Clipping for differential privacy wraps everything, a test-only injected fault included.
-MODS = (dp_clipping_mod, fault_injection_mod)
+# The node's role decides which messages reach the app at all (an evaluator site never
+# trains); clipping for differential privacy wraps the rest, a test-only fault included.
+MODS = (site_role_mod, dp_clipping_mod, fault_injection_mod)
 app = ClientApp(mods=list(MODS))
 
 
@@ -88,6 +90,9 @@ def class_counts(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"config": record}), reply_to=msg)
 
 
+register_role_handlers(app)
+
+
 def _class_counts(train_config: ConfigRecord, site: Site) -> np.ndarray:
     """Federated class counts when the server sent them, else the site's own."""
     if site.config.class_prior == "federated" and "federated-counts" in train_config:
@@ -108,4 +113,5 @@ def build_client_app(overrides: Mapping[str, Any]) -> ClientApp:
     client_app.train()(train)
     client_app.evaluate()(evaluate)
     client_app.query("class_counts")(class_counts)
+    register_role_handlers(client_app)
     return client_app

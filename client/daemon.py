@@ -2,12 +2,15 @@
 
 The site's centre TOML is checked first: it parses, its data path exists, is readable and not
 empty, and at least one readable file maps to a class of the centre's taxonomy (files are
-listed, never decoded, so this takes seconds on a large folder). So are the SuperLink's CA
+listed, never decoded, so this takes seconds on a large folder); a synthetic clinic is refused
+unless ``--allow-synthetic`` asks for a demonstration site. So are the SuperLink's CA
 certificate and the site's authentication key. On any problem the command prints one line
 naming it and exits non-zero; otherwise it replaces itself with ``flower-supernode`` (same
 process id, so systemd or a test stops the daemon by that id), connected over TLS with node
-authentication and ``--node-config "centre-config='<absolute path of the TOML>'"``, which the
-ClientApp reads (``client.site.site_centre``).
+authentication and ``--node-config "centre-config='<absolute path of the TOML>'
+role='<train or evaluator>'"``, which the ClientApp reads (``client.site.site_centre``,
+``client.evaluator``). ``--role evaluator`` makes the site the run's held-out centre: it
+never trains and answers only with the held-out metrics.
 """
 
 from __future__ import annotations
@@ -24,17 +27,24 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from common.centres import read_centre, usable_records
 from common.data import CentreSpec
+from common.evaluator_protocol import ROLE_KEY, ROLES, TRAIN
 from common.sources import SYNTHETIC
 from common.taxonomy import TAXONOMIES
 
 
-def check_centre(centre_config: Path) -> tuple[CentreSpec, dict[str, int]]:
-    """The site's centre and its usable image files per class (empty for a synthetic clinic).
+def check_centre(centre_config: Path,
+                 allow_synthetic: bool = False) -> tuple[CentreSpec, dict[str, int]]:
+    """The site's centre and its usable image files per class (empty for a synthetic clinic,
+    refused unless ``allow_synthetic``).
 
     Raises FileNotFoundError or ValueError naming the file, the centre and what is wrong.
     """
     spec = read_centre(centre_config)
     if spec.format == SYNTHETIC:
+        if not allow_synthetic:
+            raise ValueError(f"centre {spec.name!r} in {centre_config} is a synthetic clinic, "
+                             "not the site's images; pass --allow-synthetic only for a "
+                             "demonstration site")
         from common.synthetic import clinic_by_name
 
         clinic_by_name(spec.name)
@@ -83,20 +93,21 @@ def supernode_command(args: argparse.Namespace, centre_config: Path) -> list[str
     return [program, "--superlink", args.superlink,
             "--root-certificates", str(args.root_certificates.resolve()),
             "--auth-supernode-private-key", str(args.auth_key.resolve()),
-            "--node-config", f"centre-config='{centre_config}'", *args.supernode_args]
+            "--node-config", f"centre-config='{centre_config}' {ROLE_KEY}='{args.role}'",
+            *args.supernode_args]
 
 
 def run_site(args: argparse.Namespace) -> int:
     """Check the site, then become its SuperNode (or, with ``--check``, stop there)."""
     centre_config = args.centre_config.resolve()
-    spec, counts = check_centre(centre_config)
+    spec, counts = check_centre(centre_config, args.allow_synthetic)
     if not args.root_certificates.is_file():
         raise FileNotFoundError(f"CA certificate {args.root_certificates} does not exist")
     check_auth_key(args.auth_key)
     data = (f"{sum(counts.values())} usable images ("
             + ", ".join(f"{name} {n}" for name, n in counts.items()) + ")"
             if counts else "synthetic clinic")
-    print(f"cytofed site {spec.name}: {data}", flush=True)
+    print(f"cytofed site {spec.name} ({args.role}): {data}", flush=True)
     command = supernode_command(args, centre_config)
     if args.check:
         print(f"cytofed site {spec.name}: ready; would run {' '.join(command)}")
@@ -106,7 +117,8 @@ def run_site(args: argparse.Namespace) -> int:
 
 def register_site_command(parser: argparse.ArgumentParser) -> None:
     """Add ``cytofed site --centre-config F --superlink H:P --root-certificates C
-    --auth-key K [--check] [-- FLOWER-SUPERNODE ARGS]``."""
+    --auth-key K [--role train|evaluator] [--allow-synthetic] [--check]
+    [-- FLOWER-SUPERNODE ARGS]``."""
     parser.description = __doc__.split("\n\n")[0]
     parser.add_argument("--centre-config", type=Path, required=True,
                         help="the site's centre TOML (name, path, format, taxonomy, ...)")
@@ -117,6 +129,11 @@ def register_site_command(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auth-key", type=Path, required=True,
                         help="the site's SuperNode private key (registered with "
                              "`flwr supernode register`)")
+    parser.add_argument("--role", choices=ROLES, default=TRAIN,
+                        help="train (default): a training site; evaluator: the held-out "
+                             "centre, which never trains and sends only held-out metrics")
+    parser.add_argument("--allow-synthetic", action="store_true",
+                        help="accept a synthetic clinic as the site's data (demonstrations)")
     parser.add_argument("--check", action="store_true",
                         help="only check the data and keys, do not start the SuperNode")
     parser.add_argument("supernode_args", nargs="*", metavar="FLOWER-SUPERNODE-ARG",

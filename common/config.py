@@ -17,6 +17,7 @@ from common.data import CentreSpec
 
 FIELDS_OF_VIEW = ("full", "cell")
 CLASS_PRIORS = ("local", "federated")
+HELD_OUT_EVALUATIONS = ("server", "site")
 SYNTHETIC = "synthetic"
 
 
@@ -52,7 +53,9 @@ class RunConfig:
     min_train_nodes: int = 2
     wire_precision: str = "fp32"
     held_out: str = "clinic-d"
+    held_out_evaluation: str = "server"
     data_source: str = SYNTHETIC
+    allow_synthetic: bool = False
     synthetic_images: int = 600
     seed: int = 0
     device: str = "auto"
@@ -147,6 +150,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
     "trim_fraction": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
     "min_train_nodes": (_positive, "a positive integer"),
     "wire_precision": (lambda v: v in _wire_precisions(), "'fp32', 'bf16' or 'fp16'"),
+    "held_out_evaluation": (_one_of(HELD_OUT_EVALUATIONS), f"one of {HELD_OUT_EVALUATIONS}"),
     "synthetic_images": (lambda v: v >= 20, "an integer >= 20"),
     "device": (lambda v: v in ("auto", "cpu") or v.startswith("cuda"), "'auto', 'cpu' or 'cuda'"),
     "run_name": (lambda v: bool(v) and "/" not in v, "a non-empty name without '/'"),

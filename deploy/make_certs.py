@@ -9,12 +9,17 @@ Run from anywhere with a Python that has ``cryptography`` (any cytofed or Flower
 
 writes (existing files are kept, so the same command adds a site later)::
 
-    certs/ca.key, certs/ca.crt          the consortium CA (keep ca.key offline)
-    certs/superlink.key, superlink.pem  the SuperLink's TLS key and certificate
+    certs-ca/ca.key                     the CA's key, beside --out, never in it (--ca-dir;
+                                        keep it offline)
+    certs/ca.crt                        the consortium CA certificate
+    certs/superlink.key, superlink.pem  the SuperLink's (and its gate's) TLS key and certificate
     certs/sites/<site>/auth.key         the site's SuperNode private key (OpenSSH, P-384)
     certs/sites/<site>/auth.pub         its public key, for `flwr supernode register`
     certs/sites/<site>/ca.crt           the CA certificate that verifies the SuperLink
     certs/superexec.secret              shared by the SuperLink and its SuperExec container
+
+Every folder is 0700 and every private key 0600. A ``ca.key`` that an older version left in
+``--out`` is moved to ``--ca-dir``.
 
 ``--rotate SITE`` replaces a site's key pair; ``--renew-server`` re-issues the SuperLink
 certificate (for new host names or before it expires). The SuperLink certificate always
@@ -42,9 +47,16 @@ SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 CURVE = ec.SECP384R1  # Flower accepts NIST curves for SuperNode authentication
 
 
+def _private_folder(path: Path) -> Path:
+    """``path`` as a folder only its owner may enter (created if needed)."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
 def _write_private(path: Path, data: bytes) -> None:
-    """Write a secret readable by its owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a secret readable by its owner only, in a folder only its owner may enter."""
+    _private_folder(path.parent)
     temporary = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
@@ -53,7 +65,7 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _private_folder(path.parent)
     path.write_bytes(data)
     path.chmod(0o644)
 
@@ -77,9 +89,15 @@ def _builder(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivate
             .not_valid_after(now + datetime.timedelta(days=days)))
 
 
-def make_ca(out: Path, days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """The consortium CA, created on first use and loaded afterwards."""
-    key_path, cert_path = out / "ca.key", out / "ca.crt"
+def make_ca(out: Path, ca_dir: Path,
+            days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The consortium CA, created on first use and loaded afterwards; its key lives in
+    ``ca_dir``, outside ``out``."""
+    key_path, cert_path = ca_dir / "ca.key", out / "ca.crt"
+    if (out / "ca.key").is_file() and not key_path.is_file():
+        _private_folder(ca_dir)
+        (out / "ca.key").replace(key_path)
+        print(f"moved the CA key out of {out} to {key_path}")
     if key_path.is_file() and cert_path.is_file():
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
@@ -132,7 +150,7 @@ def make_site_keys(out: Path, site: str, rotate: bool) -> None:
     """A site's SuperNode authentication key pair (OpenSSH encoding, as Flower reads it)."""
     if not SITE_NAME.match(site):
         raise ValueError(f"site name {site!r}: use letters, digits, '.', '_' or '-'")
-    folder = out / "sites" / site
+    folder = _private_folder(_private_folder(out / "sites") / site)
     private, public = folder / "auth.key", folder / "auth.pub"
     if not private.is_file() or rotate:
         key = ec.generate_private_key(CURVE())
@@ -157,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("certs"), help="output folder")
+    parser.add_argument("--ca-dir", type=Path, default=None,
+                        help="folder of the CA's key (default: <out>-ca beside the output "
+                             "folder; it must not be inside it)")
     parser.add_argument("--host", action="append", default=[],
                         help="DNS name of the SuperLink (repeatable)")
     parser.add_argument("--ip", action="append", default=[],
@@ -172,8 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for ip in args.ip:
             ipaddress.ip_address(ip)
-        args.out.mkdir(parents=True, exist_ok=True)
-        ca_key, ca_cert = make_ca(args.out, args.days)
+        out = args.out.resolve()
+        ca_dir = args.ca_dir or out.with_name(out.name + "-ca")
+        if ca_dir.resolve().is_relative_to(out):
+            raise ValueError(f"--ca-dir {ca_dir} is inside --out {args.out}: the CA key must "
+                             "never sit with the files that are handed out")
+        _private_folder(args.out)
+        ca_key, ca_cert = make_ca(args.out, ca_dir, args.days)
         make_server_certificate(args.out, ca_key, ca_cert, args.host, args.ip, args.days,
                                 args.renew_server)
         make_superexec_secret(args.out)

@@ -18,14 +18,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import parse_run_config, resolve_centres, training_centres
-from common.duplicates import load_held_out
 from common.methods import create_method
 from common.pipeline import new_model
-from common.train import images_on_device, resolve_device
 from common.weights import model_state
-from server.evaluation import evaluate_held_out
 from server.federation import RoundResult, exchange, run_rounds, score_test_splits
+from server.held_out import open_held_out
 from server.privacy import privacy_summary, private_updates
+from server.production import refuse_synthetic_in_production
 from server.recorder import RunRecorder
 from server.strategies import create_strategy, record_to_state, state_to_record
 
@@ -36,10 +35,12 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured federation and write ``<output-dir>/<time>-<run-name>/``."""
     config = parse_run_config(context.run_config)
+    refuse_synthetic_in_production(config, grid)
     centres = resolve_centres(config)
     training = [c.name for c in training_centres(config, centres)]
     held_out_spec = next(c for c in centres if c.name == config.held_out)
-    held_out = load_held_out(held_out_spec, training_centres(config, centres), config)
+    held_out = open_held_out(config, held_out_spec, training_centres(config, centres), grid)
+    grid = held_out.training_grid  # without the evaluator site, which never trains
     method = create_method(config)
     model = new_model(config, len(held_out.classes))
     strategy = create_strategy(config, method, method.sent_keys(model))
@@ -54,14 +55,11 @@ def main(grid: Grid, context: Context) -> None:
         print(f"[cytofed] resuming {recorder.path} after round {recorder.completed}",
               flush=True)
 
-    held_out_images = images_on_device(held_out.images, resolve_device(config.device))
-
     def global_model(arrays: ArrayRecord) -> ArrayRecord:
         return state_to_record(method.global_model(record_to_state(arrays)))
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> dict[str, dict | None]:
-        return evaluate_held_out(model, record_to_state(arrays), held_out, config,
-                                 held_out_images)
+        return held_out.evaluate(server_round, model, arrays)
 
     def finish_round(result: RoundResult, arrays: ArrayRecord, exported: ArrayRecord) -> None:
         record = {**result.to_dict(), **({"privacy": dp.round_privacy()} if dp else {})}

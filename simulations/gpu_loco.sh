@@ -67,9 +67,11 @@ run)
   "$PYTHON" -m simulations.bundle install --bundle "$DATA" --image-size "$SIZE" \
     --cache-dir "$CYTOFED_CACHE_DIR"
   # The device tool stops a command after 10 minutes: the sweep gets LIMIT seconds, and the
-  # tables (rewritten after every finished run) come back even when it is cut short.
+  # tables (rewritten after every finished run) come back even when it is cut short. A cut
+  # sweep's workers and Ray processes are stopped by pid (simulations/local_run.py).
   status=0
-  timeout "${LIMIT:-480}" "$PYTHON" -m simulations.cli loco --centres "$DATA/centres.toml" \
+  "$PYTHON" -m simulations.local_run --timeout "${LIMIT:-480}" -- \
+    "$PYTHON" -m simulations.cli loco --centres "$DATA/centres.toml" \
     --held-out "${HELD_OUT:-all}" --strategies "${STRATEGIES:-fedavg,fedbn}" \
     --losses "${LOSSES:-ce}" --model tf_efficientnet_lite0 \
     --image-size "$SIZE" --rounds "${ROUNDS:-20}" --local-epochs "${LOCAL_EPOCHS:-2}" \
@@ -79,10 +81,6 @@ test-time-bn=true ${LR:+learning-rate=$LR} ${EXTRA_CONFIG:-}" \
     --reference-config "field-of-view='full' augment='basic'" > "$OUT/loco.log" 2>&1 || status=$?
   tail -n 40 "$OUT/loco.log"
   echo "loco exit status $status (124: stopped after ${LIMIT:-480} s)"
-  if [ "$status" -ne 0 ]; then  # a stopped sweep leaves its worker processes and Ray behind
-    pkill -f 'multiprocessing.spawn' || true
-    pkill -f 'ray/core/src/ray' || true
-  fi
   cp /tmp/loco/loco.json /tmp/loco/loco.md "$OUT/" || true
   cp /tmp/loco/comparison.html "$OUT/" 2>/dev/null || true
   tar -czf "$OUT/reports.tar.gz" -C /tmp/loco --exclude='*.safetensors' --exclude='*.png' runs

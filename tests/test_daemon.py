@@ -84,26 +84,39 @@ def test_refusal_exits_non_zero_naming_the_problem(tmp_path, keys, capsys):
     assert main(site_args(tmp_path / "absent.toml", keys)) == 2
     assert "centre file" in capsys.readouterr().err
     bad_key = site_args(centre_file(tmp_path, 'name = "clinic-a"\nformat = "synthetic"\n'),
-                        keys)
-    bad_key[bad_key.index("--auth-key") + 1] = str(keys / "ca.key")  # PEM, not OpenSSH
+                        keys, "--allow-synthetic")
+    bad_key[bad_key.index("--auth-key") + 1] = str(keys / "superlink.key")  # PEM, not OpenSSH
     assert main(bad_key) == 2
     assert "not an unencrypted OpenSSH private key" in capsys.readouterr().err
 
 
-def test_usable_site_becomes_flower_supernode_with_its_centre(tmp_path, keys, monkeypatch,
-                                                               capsys):
+@pytest.mark.parametrize("role", ["train", "evaluator"])
+def test_usable_site_becomes_flower_supernode_with_its_centre_and_role(tmp_path, keys,
+                                                                        monkeypatch, capsys,
+                                                                        role):
     centre = centre_file(tmp_path, 'name = "clinic-a"\nformat = "synthetic"\n')
     executed = []
     monkeypatch.setattr(os, "execv", lambda program, argv: executed.append(argv))
-    main(site_args(centre, keys, "--", "--port", "9095"))
+    main(site_args(centre, keys, "--role", role, "--allow-synthetic", "--", "--port", "9095"))
     [argv] = executed
     assert Path(argv[0]).name == "flower-supernode"
     assert argv[1:] == [
         "--superlink", "link.example:8000", "--root-certificates", str(keys / "ca.crt"),
         "--auth-supernode-private-key", str(keys / "sites" / "lab" / "auth.key"),
-        "--node-config", f"centre-config='{centre}'", "--port", "9095"]
-    assert "cytofed site clinic-a: synthetic clinic" in capsys.readouterr().out
+        "--node-config", f"centre-config='{centre}' role='{role}'", "--port", "9095"]
+    assert f"cytofed site clinic-a ({role}): synthetic clinic" in capsys.readouterr().out
     executed.clear()
-    assert main(site_args(centre, keys, "--check")) == 0
+    assert main(site_args(centre, keys, "--check", "--allow-synthetic")) == 0
     assert not executed
     assert "ready; would run" in capsys.readouterr().out
+
+
+def test_a_synthetic_clinic_is_refused_unless_asked_for(tmp_path, keys, monkeypatch, capsys):
+    centre = centre_file(tmp_path, 'name = "clinic-a"\nformat = "synthetic"\n')
+    monkeypatch.setattr(os, "execv", lambda program, argv: pytest.fail("started a SuperNode"))
+    assert main(site_args(centre, keys, "--role", "evaluator")) == 2
+    assert ("centre 'clinic-a' in " f"{centre} is a synthetic clinic, not the site's images; "
+            "pass --allow-synthetic") in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(site_args(centre, keys, "--role", "auditor", "--allow-synthetic"))
+    assert "argument --role: invalid choice: 'auditor'" in capsys.readouterr().err

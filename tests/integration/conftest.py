@@ -1,11 +1,15 @@
-"""Real Flower processes for integration tests, stopped by process id when a test ends."""
+"""Real Flower processes for integration tests, stopped by process id when a test ends.
+
+Every environment made here has its own local-SuperLink ports and process token
+(``simulations.local_run``): tests of two checkouts on one machine never share a SuperLink,
+and teardown stops exactly the processes the test started.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,56 +18,49 @@ from pathlib import Path
 
 import pytest
 
+from simulations.local_run import TOKEN_KEY, isolated_environment, processes_of, stop_processes_of
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def processes_with_env(marker: str, command: str = "") -> list[int]:
-    """Ids of processes whose environment contains ``marker`` (our own FLWR_HOME) and whose
-    command line contains ``command``."""
+def processes_running(env: dict[str, str], command: str) -> list[int]:
+    """Ids of the processes started with ``env`` whose command line contains ``command``."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
+    for pid in processes_of(env[TOKEN_KEY]):
         try:
-            if (marker.encode() in (entry / "environ").read_bytes()
-                    and command.encode() in (entry / "cmdline").read_bytes()):
-                found.append(int(entry.name))
+            if command.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
         except OSError:
             continue
     return found
 
 
 def stop_processes(pids: list[int]) -> None:
+    """SIGKILL each of ``pids`` (a crash, as tests of failures want it)."""
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
 
 def flower_environment(home: Path) -> dict[str, str]:
-    """Environment for Flower processes and `flwr` commands with a private FLWR_HOME."""
-    return {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}",
-            "PYTHONUNBUFFERED": "1"}
+    """Environment for Flower processes and `flwr` commands with a private FLWR_HOME, free
+    local-SuperLink ports and a process token."""
+    return {**isolated_environment(), "FLWR_HOME": str(home),
+            "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
 
 
 def stop_flower(env: dict[str, str]) -> None:
-    """Kill every process that runs with this environment's FLWR_HOME."""
-    stop_processes(processes_with_env(f"FLWR_HOME={env['FLWR_HOME']}"))
+    """Stop every process started with this environment (by pid)."""
+    stop_processes_of(env[TOKEN_KEY])
 
 
 @pytest.fixture
 def flower_env(tmp_path: Path):
-    """Environment for `flwr` commands with a private FLWR_HOME; kills what they started."""
+    """Environment for `flwr` commands with a private FLWR_HOME; stops what they started."""
     env = flower_environment(tmp_path / "flwr-home")
     yield env
     stop_flower(env)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str) -> object:
@@ -76,12 +73,18 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str) -> obje
     return result
 
 
+def toml_value(value: object) -> str:
+    """A run-config value as `--run-config` reads it (TOML: 'text', true, 2, 0.5)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, str) else str(value)
+
+
 def flwr_run_command(run_config: dict, supernodes: int = 3,
                      superlink: str | None = None) -> list[str]:
     """`flwr run . --stream` on a local simulation of ``supernodes`` SuperNodes or, given
     ``superlink``, on that SuperLink connection of the Flower config."""
-    overrides = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
-                         for k, v in run_config.items())
+    overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
     if superlink:
         return [str(BIN / "flwr"), "run", ".", superlink, "--stream", "--run-config", overrides]
     return [str(BIN / "flwr"), "run", ".", "--stream", "--federation-config",
