@@ -21,8 +21,8 @@ from torch import nn
 
 from common.config import ConfigError, RunConfig
 from common.data import CentreSpec
-from common.evaluator_protocol import EVALUATOR, HELD_OUT_MESSAGE, ROLE_QUERY, decode_held_out
 from common.duplicates import load_held_out
+from common.evaluator_protocol import EVALUATOR, HELD_OUT_MESSAGE, ROLE_QUERY, decode_held_out
 from common.taxonomy import TAXONOMIES
 from common.train import images_on_device, resolve_device
 from server.evaluation import evaluate_held_out
