@@ -12,7 +12,7 @@ class in :data:`HELD_OUT_EVALUATORS`.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -38,8 +38,8 @@ ROLE_QUERY_TIMEOUT = 120.0  # a node that has not told its role by then is a tra
 class ServerHeldOut:
     """The ServerApp scores the held-out centre on its own copy of the images."""
 
-    def __init__(self, config: RunConfig, spec: CentreSpec, training: list[CentreSpec],
-                 grid: Grid) -> None:
+    def __init__(self, config: RunConfig, spec: CentreSpec, grid: Grid,
+                 training: Sequence[CentreSpec] = ()) -> None:
         self.config, self.training_grid = config, grid
         self.data = load_held_out(spec, training, config)  # without images training has too
         self.classes, self.stats = self.data.classes, self.data.stats
@@ -54,8 +54,8 @@ class ServerHeldOut:
 class SiteHeldOut:
     """The held-out centre's evaluator site scores it; the server sees only the metrics."""
 
-    def __init__(self, config: RunConfig, spec: CentreSpec, training: list[CentreSpec],
-                 grid: Grid) -> None:
+    def __init__(self, config: RunConfig, spec: CentreSpec, grid: Grid,
+                 training: Sequence[CentreSpec] = ()) -> None:
         if is_simulation(grid):
             raise ConfigError("held-out-evaluation", "'server' in a simulation (no evaluator "
                               "site can join one)", config.held_out_evaluation)
@@ -102,7 +102,7 @@ def open_held_out(config: RunConfig, spec: CentreSpec, training: list[CentreSpec
     """The configured held-out evaluation of ``spec`` (``training``: the training centres):
     ``classes``, ``stats`` (its load counts), ``training_grid`` (the grid the strategy samples
     from) and ``evaluate(server_round, model, arrays)``."""
-    return HELD_OUT_EVALUATORS[config.held_out_evaluation](config, spec, training, grid)
+    return HELD_OUT_EVALUATORS[config.held_out_evaluation](config, spec, grid, training)
 
 
 def held_out_metrics(replies: list[Message], classes: tuple[str, ...]) -> dict[str, dict | None]:
