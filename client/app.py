@@ -16,13 +16,15 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.errors import site_errors_mod
 from client.faults import fault_injection_mod
 from client.privacy import dp_clipping_mod
 from client.site import Site, open_site
 from common.pipeline import fit, score
 
-# Clipping for differential privacy wraps everything, a test-only injected fault included.
-MODS = (dp_clipping_mod, fault_injection_mod)
+# Errors leave a site as a fixed code (outermost, so it sees every failure); clipping for
+# differential privacy wraps everything else, a test-only injected fault included.
+MODS = (site_errors_mod, dp_clipping_mod, fault_injection_mod)
 app = ClientApp(mods=list(MODS))
 
 
@@ -41,12 +43,14 @@ def train(msg: Message, context: Context) -> Message:
                   seed=config.seed * 1000 + server_round, images=site.device_images["train"])
     site.keep_local_state(model, context)
     arrays = site.outgoing_arrays(model)
+    described = ConfigRecord({"centre": site.spec.name})
+    if site.spec.share_counts:  # the centre's config decides, as for the class_counts query
+        described["class-counts"] = site.train.class_counts().tolist()
     reply = RecordDict({
         "arrays": arrays,
         "metrics": MetricRecord({**metrics, "num-examples": len(site.train),
                                  "update-bytes": arrays.count_bytes()}),
-        "site": ConfigRecord({"centre": site.spec.name,
-                              "class-counts": site.train.class_counts().tolist()}),
+        "site": described,
     })
     return Message(content=reply, reply_to=msg)
 

@@ -19,12 +19,13 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunConfig, parse_run_config, resolve_centres, training_centres
 from common.models import batchnorm_keys
 from common.pipeline import load_centre_data, new_model
+from common.privacy import untrained_keys
 from common.train import images_on_device, resolve_device
 from common.weights import model_state, save_weights
 from server.evaluation import evaluate_held_out
 from server.export import export_model
 from server.federation import RoundResult, exchange, run_rounds
-from server.privacy import privacy_summary, private_updates
+from server.privacy import LEDGER_FILE, PrivacyLedger, private_updates
 from server.report import write_report
 from server.rundir import RunDirectory
 from server.strategies import create_strategy, record_to_state, state_to_record
@@ -42,14 +43,15 @@ def main(grid: Grid, context: Context) -> None:
     model = new_model(config, len(held_out.classes))
     bn_keys = batchnorm_keys(model)
     strategy = create_strategy(config, bn_keys)
-    dp = private_updates(strategy, config, len(training_centres(config, centres)))
+    dp = private_updates(strategy, config, len(training_centres(config, centres)),
+                         untrained_keys(model))
     run = RunDirectory.open(Path(config.output_dir), config.run_name, config.to_dict())
+    if dp:  # every release is ledgered before it leaves; a resumed run replays the ledger
+        dp.use_ledger(PrivacyLedger(run.path / LEDGER_FILE))
     saved, rounds, completed = run.resume()
     state = model_state(model)
     if saved is not None:
         state = {key: saved[key] for key in state}  # the model's order, as clipping expects
-        if dp:
-            dp.restore(rounds)
         print(f"[cytofed] resuming {run.path} after round {completed}", flush=True)
     metadata = {"config": config.to_dict(), "classes": list(held_out.classes)}
 
@@ -82,7 +84,8 @@ def main(grid: Grid, context: Context) -> None:
                               config.round_timeout)
     save_weights(run.path / "final.safetensors", record_to_state(final_arrays), metadata)
     report_path = finalise(run, config, held_out.classes, held_out_spec.taxonomy,
-                           [c.name for c in training_centres(config, centres)], rounds)
+                           [c.name for c in training_centres(config, centres)], rounds,
+                           dp.privacy_report() if dp else None)
     final = rounds[-1]["held_out"]
     print(f"[cytofed] held-out centre {config.held_out}: macro-F1 {final['macro_f1']:.3f}, "
           f"balanced accuracy {final['balanced_accuracy']:.3f}", flush=True)
@@ -132,7 +135,7 @@ def _held_out_results(round_result: dict) -> dict:
 
 
 def finalise(run: RunDirectory, config: RunConfig, classes: tuple[str, ...], taxonomy: str,
-             training: list[str], rounds: list[dict]) -> Path:
+             training: list[str], rounds: list[dict], privacy: dict | None = None) -> Path:
     """Write the model card and the report; the best round (exported as the model) is the
     latest with the top sites' validation F1."""
     best = max(rounds, key=lambda r: (_validation_f1(r), r["round"]))
@@ -145,7 +148,6 @@ def finalise(run: RunDirectory, config: RunConfig, classes: tuple[str, ...], tax
                  **_held_out_results(best)},
         "held_out_macro_f1": rounds[-1]["held_out"]["macro_f1"],
     }
-    privacy = privacy_summary(config, rounds)
     if privacy:
         report["privacy"] = privacy
     report["model"] = export_model(run.path, report, taxonomy)
