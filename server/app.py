@@ -46,9 +46,9 @@ def main(grid: Grid, context: Context) -> None:
     dp = private_updates(strategy, config, len(training_centres(config, centres)),
                          untrained_keys(model))
     run = RunDirectory.open(Path(config.output_dir), config.run_name, config.to_dict())
-    if dp:  # every release is ledgered before it leaves; a resumed run replays the ledger
-        dp.use_ledger(PrivacyLedger(run.path / LEDGER_FILE))
     saved, rounds, completed = run.resume()
+    if dp:  # every release is ledgered before it leaves; a resumed run replays the ledger
+        dp.use_ledger(PrivacyLedger(run.path / LEDGER_FILE), rounds)
     state = model_state(model)
     if saved is not None:
         state = {key: saved[key] for key in state}  # the model's order, as clipping expects

@@ -142,9 +142,19 @@ class PrivateUpdates(Strategy):
         """Updates refused in the current round, by the validation or as not clippable."""
         return [*self.strategy.rejected, *self.unusable]
 
-    def use_ledger(self, ledger: PrivacyLedger) -> None:
-        """Record releases in ``ledger``, first composing those it already holds (a resume)."""
-        for entry in ledger.releases():
+    def use_ledger(self, ledger: PrivacyLedger, rounds: list[dict]) -> None:
+        """Record releases in ``ledger``, first composing those it already holds (a resume).
+
+        ``rounds`` are the run's completed rounds: a ledger holding fewer releases than they
+        counted was truncated or removed, and the run is refused rather than under-counted.
+        """
+        entries = ledger.releases()
+        counted = rounds[-1].get("privacy", {}).get("releases", 0) if rounds else 0
+        if len(entries) < counted:
+            raise ValueError(f"privacy ledger {ledger.path} records {len(entries)} releases but "
+                             f"the run's completed rounds counted {counted}: it was truncated "
+                             "or removed, so epsilon cannot be recomputed")
+        for entry in entries:
             self._compose(entry)
         self.ledger = ledger
 

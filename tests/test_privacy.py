@@ -63,7 +63,7 @@ def reply(message: Message, state: dict[str, np.ndarray] | None) -> Message:
 def private(tmp_path: Path, sites: int = 3, **settings) -> PrivateUpdates:
     config = RunConfig(**{"dp_noise_multiplier": 1.0, **settings})
     strategy = private_updates(create_strategy(config, set()), config, sites, BUFFERS)
-    strategy.use_ledger(PrivacyLedger(tmp_path / LEDGER_FILE))
+    strategy.use_ledger(PrivacyLedger(tmp_path / LEDGER_FILE), [])
     return strategy
 
 
@@ -184,6 +184,11 @@ def test_a_resumed_server_counts_every_ledgered_release_once(tmp_path):
     (tmp_path / LEDGER_FILE).write_text("\n".join([lines[0], "garbage", lines[2]]) + "\n")
     with pytest.raises(ValueError, match=f"{LEDGER_FILE}, line 2: not a JSON release record"):
         private(tmp_path)
+    (tmp_path / LEDGER_FILE).unlink()
+    with pytest.raises(ValueError, match="records 0 releases but the run's completed rounds "
+                                         "counted 3: it was truncated or removed"):
+        again.use_ledger(PrivacyLedger(tmp_path / LEDGER_FILE),
+                         [{"round": 3, "privacy": again.round_privacy()}])
 
 
 @pytest.mark.parametrize("config", [RunConfig(dp_noise_multiplier=1.0, strategy="fedmedian"),
@@ -249,3 +254,5 @@ def test_a_private_batchnorm_run_crashed_after_a_release_counts_that_release_onc
     for result in report["rounds"]:  # BatchNorm statistics are not noised: no NaN
         assert all(math.isfinite(result["held_out"][k]) for k in ("macro_f1", "ece", "loss"))
     assert "BatchNorm running statistics" in report["privacy"]["not_covered"][0]
+    markdown = (run_dir / "report.md").read_text()
+    assert "epsilon 9.010 at delta 1e-05" in markdown and "It does not cover" in markdown
