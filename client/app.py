@@ -18,6 +18,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.errors import site_errors_mod
 from client.evaluator import register_role_handlers, site_role_mod
 from client.faults import fault_injection_mod
 from client.privacy import dp_clipping_mod
@@ -25,9 +26,10 @@ from client.site import Site, open_site
 from common.pipeline import fit, round_seed, score_as_applied
 from common.selection import site_report
 
-# The node's role decides which messages reach the app at all (an evaluator site never
-# trains); clipping for differential privacy wraps the rest, a test-only fault included.
-MODS = (site_role_mod, dp_clipping_mod, fault_injection_mod)
+# Errors leave a site as a fixed code (outermost, so it sees every failure); the node's role
+# decides which messages reach the app at all (an evaluator site never trains); clipping for
+# differential privacy wraps the rest, a test-only injected fault included.
+MODS = (site_errors_mod, site_role_mod, dp_clipping_mod, fault_injection_mod)
 app = ClientApp(mods=list(MODS))
 
 
@@ -47,12 +49,14 @@ def train(msg: Message, context: Context) -> Message:
                   images=site.device_images["train"])
     site.keep(model, context)
     arrays = site.update(model)
+    described = ConfigRecord({"centre": site.spec.name})
+    if site.spec.share_counts:  # the centre's config decides, as for the class_counts query
+        described["class-counts"] = site.train.class_counts().tolist()
     reply = RecordDict({
         "arrays": arrays,
         "metrics": MetricRecord({**metrics, "num-examples": len(site.train),
                                  "update-bytes": arrays.count_bytes()}),
-        "site": ConfigRecord({"centre": site.spec.name,
-                              "class-counts": site.train.class_counts().tolist()}),
+        "site": described,
     })
     return Message(content=reply, reply_to=msg)
 

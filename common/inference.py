@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
+import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 
 from common.centres import load_centre, read_centre
-from common.imagecache import load_images
+from common.imagecache import LoadedImages, load_images
 from common.metrics import confident_share
 from common.modelcard import ModelCard, load_exported_model
 from common.progress import progress_bar
@@ -35,7 +37,7 @@ from common.train import (
     resolve_device,
 )
 
-BATCH = 256  # images decoded, then predicted, per progress step
+CHUNK = 256  # image files decoded, predicted and written at a time
 
 
 @contextmanager
@@ -84,6 +86,25 @@ def evaluate_centre(model_path: Path, centre_path: Path, cache_dir: Path | None 
     return result
 
 
+def image_files(folder: Path) -> Iterator[Path]:
+    """Files under ``folder``, recursively, in sorted path order; one directory's listing is
+    held at a time (symbolic links to directories are not followed)."""
+    with os.scandir(folder) as listing:
+        entries = sorted(listing, key=lambda entry: entry.name)
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            yield from image_files(Path(entry.path))
+        elif entry.is_file():
+            yield Path(entry.path)
+
+
+def chunks(paths: Iterable[Path], size: int = CHUNK) -> Iterator[list[Path]]:
+    """``paths`` in lists of ``size`` (the last may be shorter)."""
+    iterator = iter(paths)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
 def predict_folder(model_path: Path, images_dir: Path, out: Path,
                    cache_dir: Path | None = None, device: str = "auto",
                    threshold: float | None = None) -> dict:
@@ -92,6 +113,8 @@ def predict_folder(model_path: Path, images_dir: Path, out: Path,
     Columns: file (relative to ``images_dir``), predicted class, confidence, ``uncertain``
     (confidence below the card's calibrated threshold, or ``threshold``) and one probability
     per class. Unreadable files are listed in ``<out stem>.unreadable.txt`` and on stderr.
+    Files are decoded, predicted and written :data:`CHUNK` at a time, so memory does not grow
+    with the folder (a card that asks for BatchNorm adaptation reads the folder twice).
     Returns counts and the paths written.
     """
     model, card = load_exported_model(model_path)
@@ -102,46 +125,49 @@ def predict_folder(model_path: Path, images_dir: Path, out: Path,
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise FileNotFoundError(f"image folder {images_dir} does not exist")
-    paths = sorted(p for p in images_dir.rglob("*") if p.is_file())
-    if not paths:
+    total = sum(1 for _ in image_files(images_dir))
+    if not total:
         raise ValueError(f"no files in {images_dir}")
-    readable, unreadable, batches = [], [], []
-    with decoding_cache(cache_dir) as cache, progress_bar(len(paths), "decoding") as bar:
-        for start in range(0, len(paths), BATCH):
-            chunk = paths[start:start + BATCH]
-            loaded = load_images(chunk, card.preprocessing.image_size, cache,
-                                 card.preprocessing.field_of_view)
-            readable += [chunk[i] for i in loaded.readable]
-            unreadable += loaded.unreadable
-            batches.append(loaded.images)
-            bar.update(len(chunk))
-    probabilities = np.empty((0, len(card.classes)), np.float32)
-    if readable:
-        model, images, torch_device = prepared(model, card, np.concatenate(batches), device)
-        parts, bar = [], progress_bar(len(readable), "predicting")
-        for start in range(0, len(readable), BATCH):
-            parts.append(predict_probabilities(model, images[start:start + BATCH], torch_device))
-            bar.update(len(parts[-1]))
-        bar.close()
-        probabilities = np.concatenate(parts)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    confidence = probabilities.max(axis=1)
-    with out.open("w", newline="") as handle:
-        writer = csv.writer(handle)
+    unreadable_list = out.with_suffix(".unreadable.txt")
+    torch_device = resolve_device(device)
+    model = prepare_model(model, torch_device)
+    counts = {"predictions": 0, "uncertain": 0, "unreadable": 0}
+    with decoding_cache(cache_dir) as cache, out.open("w", newline="") as table, \
+            unreadable_list.open("w") as unreadable:
+
+        def decoded(label: str) -> Iterator[tuple[list[Path], LoadedImages]]:
+            with progress_bar(total, label) as bar:
+                for chunk in chunks(image_files(images_dir)):
+                    yield chunk, load_images(chunk, card.preprocessing.image_size, cache,
+                                             card.preprocessing.field_of_view)
+                    bar.update(len(chunk))
+
+        if card.adapt_batchnorm:
+            adapt_batchnorm(model, (images_on_device(loaded.images, torch_device)
+                                    for _, loaded in decoded("adapting BatchNorm")
+                                    if len(loaded.images)), torch_device)
+        writer = csv.writer(table)
         writer.writerow(["file", "predicted", "confidence", "uncertain",
                          *(f"p_{name}" for name in card.classes)])
-        for path, row, top in zip(readable, probabilities, confidence, strict=True):
-            writer.writerow([path.relative_to(images_dir).as_posix(),
-                             card.classes[int(row.argmax())], f"{top:.4f}", top < threshold,
-                             *(f"{p:.4f}" for p in row)])
-    unreadable_list = out.with_suffix(".unreadable.txt")
-    unreadable_list.write_text("".join(f"{p.relative_to(images_dir).as_posix()}\n"
-                                       for p in unreadable))
-    for path in unreadable:
-        print(f"unreadable: {path}", file=sys.stderr)
-    return {"predictions": len(readable), "uncertain": int(np.sum(confidence < threshold)),
-            "unreadable": len(unreadable), "threshold": threshold, "csv": str(out),
+        for chunk, loaded in decoded("predicting"):
+            for path in loaded.unreadable:
+                unreadable.write(f"{path.relative_to(images_dir).as_posix()}\n")
+                print(f"unreadable: {path}", file=sys.stderr)
+            counts["unreadable"] += len(loaded.unreadable)
+            if not len(loaded.images):
+                continue
+            probabilities = predict_probabilities(
+                model, images_on_device(loaded.images, torch_device), torch_device)
+            confidence = probabilities.max(axis=1)
+            for index, row, top in zip(loaded.readable, probabilities, confidence, strict=True):
+                writer.writerow([chunk[index].relative_to(images_dir).as_posix(),
+                                 card.classes[int(row.argmax())], f"{top:.4f}",
+                                 top < threshold, *(f"{p:.4f}" for p in row)])
+            counts["predictions"] += len(probabilities)
+            counts["uncertain"] += int(np.sum(confidence < threshold))
+    return {**counts, "threshold": threshold, "csv": str(out),
             "unreadable_list": str(unreadable_list)}
 
 

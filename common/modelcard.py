@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from torch import nn
@@ -25,6 +25,11 @@ from common.weights import load_state, load_weights
 
 CARD_FILE = "model_card.json"
 CARD_FORMAT = "cytofed-model-card/1"
+# Bounds on what a card may make this program read or build (a card may come from elsewhere).
+MAX_CARD_BYTES = 1 << 20
+MAX_WEIGHTS_BYTES = 2 << 30
+MAX_CLASSES = 1000
+MAX_IMAGE_SIZE = 1024
 PADDING = "pad to a square with the median colour of the image border, then Lanczos resize"
 
 
@@ -44,11 +49,11 @@ class Preprocessing:
 class ModelCard:
     """What an exported model is, how it was trained and how it should be applied.
 
-    ``weights`` is the safetensors file, relative to the card. ``adapt_batchnorm`` (FedBN,
-    ``test-time-bn``) asks for BatchNorm statistics to be re-estimated on the images before
-    predicting. ``logit_scale`` multiplies the classifier's logits, as in training (LDAM's s;
-    see ``common.models.ScaledClassifier``). ``uncertainty`` is the output of
-    ``common.metrics.uncertainty_threshold`` or None.
+    ``weights`` is the safetensors file, relative to the card and inside its folder.
+    ``adapt_batchnorm`` (FedBN, ``test-time-bn``) asks for BatchNorm statistics to be
+    re-estimated on the images before predicting. ``logit_scale`` multiplies the classifier's
+    logits, as in training (LDAM's s; see ``common.models.ScaledClassifier``). ``uncertainty``
+    is the output of ``common.metrics.uncertainty_threshold`` or None.
     """
 
     classes: tuple[str, ...]
@@ -91,7 +96,22 @@ class ModelCard:
             raise ValueError(f"model card is missing or has an unknown field: {error}") from error
         if preprocessing.field_of_view not in MODES:
             raise ValueError(f"model card: unknown field of view {preprocessing.field_of_view!r}")
+        _check_bounds(card)
         return card
+
+
+def _check_bounds(card: ModelCard) -> None:
+    """Raise ValueError naming the field when a card asks for more than it should."""
+    classes, size, weights = card.classes, card.preprocessing.image_size, card.weights
+    if not 0 < len(classes) <= MAX_CLASSES or not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"model card field 'classes': expected 1 to {MAX_CLASSES} class names")
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"model card field 'preprocessing.image_size': expected an integer "
+                         f"from 1 to {MAX_IMAGE_SIZE}, got {size!r}")
+    relative = PurePosixPath(weights) if isinstance(weights, str) and weights else None
+    if relative is None or relative.is_absolute() or ".." in relative.parts:
+        raise ValueError(f"model card field 'weights': expected a file name inside the card's "
+                         f"folder, got {weights!r}")
 
 
 def write_model_card(path: Path, card: ModelCard) -> Path:
@@ -102,22 +122,62 @@ def write_model_card(path: Path, card: ModelCard) -> Path:
 
 
 def read_model_card(path: Path) -> ModelCard:
-    """The card at ``path``."""
+    """The card at ``path``; raises ValueError naming the file when it is not a usable card."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model card {path} does not exist")
+    _check_size(path, MAX_CARD_BYTES, "model card")
     try:
-        return ModelCard.from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as error:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise ValueError(f"{path}: not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a cytofed model card (a JSON object is expected)")
+    try:
+        return ModelCard.from_dict(data)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
+
+
+def _check_size(path: Path, limit: int, what: str) -> None:
+    size = path.stat().st_size
+    if size > limit:
+        raise ValueError(f"{what} {path} is {size} bytes, more than the {limit} a {what} may "
+                         "have")
 
 
 def find_model_card(path: Path) -> Path:
-    """The card of ``path``: the card itself, a run directory's, or a weights file's sibling."""
+    """The card of ``path``: the card itself, a run directory's, or a weights file's sibling.
+
+    Errors name ``path`` as given, and what was expected there.
+    """
     path = Path(path)
+    expected = f"a run directory, its {CARD_FILE} or a weights file beside the card"
+    if not path.exists():
+        raise FileNotFoundError(f"model {path} does not exist (expected {expected})")
     if path.is_dir():
-        return path / CARD_FILE
-    return path if path.suffix == ".json" else path.with_name(CARD_FILE)
+        card = path / CARD_FILE
+        if not card.is_file():
+            raise FileNotFoundError(f"model {path}: the directory holds no {CARD_FILE} "
+                                    f"(expected {expected}; an unfinished run has none)")
+        return card
+    if path.suffix == ".json":
+        return path
+    card = path.with_name(CARD_FILE)
+    if not card.is_file():
+        raise FileNotFoundError(f"model {path}: no {CARD_FILE} beside this file "
+                                f"(expected {expected})")
+    return card
+
+
+def weights_path(card_path: Path, card: ModelCard) -> Path:
+    """The card's weights file, which must lie in the card's folder (links resolved)."""
+    folder = Path(card_path).resolve().parent
+    path = (folder / card.weights).resolve()
+    if not path.is_relative_to(folder):
+        raise ValueError(f"{card_path}: field 'weights' {card.weights!r} leads outside the "
+                         f"card's folder {folder}")
+    return path
 
 
 def load_exported_model(path: Path) -> tuple[nn.Module, ModelCard]:
@@ -128,7 +188,7 @@ def load_exported_model(path: Path) -> tuple[nn.Module, ModelCard]:
     card_path = find_model_card(path)
     card = read_model_card(card_path)
     path = Path(path)
-    weights = path if path.suffix == ".safetensors" else card_path.parent / card.weights
+    weights = path if path.suffix == ".safetensors" else weights_path(card_path, card)
     steps = card.preprocessing
     if (steps.decoder_version, steps.mean, steps.std) != (CACHE_VERSION, IMAGENET_MEAN,
                                                           IMAGENET_STD):
@@ -136,6 +196,8 @@ def load_exported_model(path: Path) -> tuple[nn.Module, ModelCard]:
                          f"and mean/std {steps.mean}/{steps.std}; this version decodes as "
                          f"v{CACHE_VERSION} and normalises with ImageNet's, so predictions "
                          "would not match training")
+    if weights.is_file():
+        _check_size(weights, MAX_WEIGHTS_BYTES, "weights file")
     model = create_model(card.backbone, len(card.classes), pretrained="", norm=card.norm,
                          logit_scale=card.logit_scale)
     state, _ = load_weights(weights)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -170,9 +170,10 @@ def evaluate_model(model: nn.Module, images: torch.Tensor, labels: np.ndarray,
 
 
 @torch.no_grad()
-def adapt_batchnorm(model: nn.Module, images: torch.Tensor, device: torch.device,
-                    batch_size: int = 64) -> nn.Module:
-    """Test-time BatchNorm adaptation: re-estimate running statistics on unlabelled images."""
+def adapt_batchnorm(model: nn.Module, images: torch.Tensor | Iterable[torch.Tensor],
+                    device: torch.device, batch_size: int = 64) -> nn.Module:
+    """Test-time BatchNorm adaptation: re-estimate running statistics on unlabelled images
+    (one tensor, or an iterable of tensors for a set too large to hold at once)."""
     from common.models import is_batchnorm
 
     norms = [m for m in model.modules() if is_batchnorm(m)]
@@ -180,8 +181,8 @@ def adapt_batchnorm(model: nn.Module, images: torch.Tensor, device: torch.device
         norm.reset_running_stats()
         norm.momentum = None  # cumulative average over all batches
     model.train()
-    for start in range(0, len(images), batch_size):
-        model(to_model_input(images[start:start + batch_size].to(device, non_blocking=True)))
+    for chunk in [images] if isinstance(images, torch.Tensor) else images:
+        for start in range(0, len(chunk), batch_size):
+            model(to_model_input(chunk[start:start + batch_size].to(device, non_blocking=True)))
     model.eval()
     return model
-

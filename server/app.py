@@ -20,10 +20,11 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import parse_run_config, resolve_centres, training_centres
 from common.methods import create_method
 from common.pipeline import new_model
+from common.privacy import untrained_keys
 from common.weights import model_state
 from server.federation import RoundResult, exchange, run_rounds, score_test_splits
 from server.held_out import open_held_out
-from server.privacy import privacy_summary, private_updates
+from server.privacy import LEDGER_FILE, PrivacyLedger, private_updates
 from server.production import refuse_synthetic_in_production
 from server.recorder import RunRecorder
 from server.strategies import create_strategy, record_to_state, state_to_record
@@ -44,14 +45,14 @@ def main(grid: Grid, context: Context) -> None:
     method = create_method(config)
     model = new_model(config, len(held_out.classes))
     strategy = create_strategy(config, method, method.sent_keys(model))
-    dp = private_updates(strategy, config, len(training))
+    dp = private_updates(strategy, config, len(training), untrained_keys(model))
     recorder = RunRecorder(config, held_out.classes, held_out_spec.taxonomy, training,
                            held_out_data=held_out.stats)
+    if dp:  # every release is ledgered before it leaves; a resumed run replays the ledger
+        dp.use_ledger(PrivacyLedger(recorder.path / LEDGER_FILE), recorder.rounds)
     state = model_state(model)
     if recorder.checkpoint is not None:
         state = {key: recorder.checkpoint[key] for key in state}  # the model's order
-        if dp:
-            dp.restore(recorder.rounds)
         print(f"[cytofed] resuming {recorder.path} after round {recorder.completed}",
               flush=True)
 
@@ -75,9 +76,8 @@ def main(grid: Grid, context: Context) -> None:
                        finish_round, config.round_timeout)
     tests = score_test_splits(dp or strategy, grid, state_to_record(recorder.best_state()),
                               config.num_server_rounds, config.round_timeout)
-    privacy = privacy_summary(config, recorder.rounds)
     recorder.finish(record_to_state(global_model(final)), tests,
-                    {"privacy": privacy} if privacy else None)
+                    {"privacy": dp.privacy_report()} if dp else None)
 
 
 def federated_class_counts(grid: Grid, num_classes: int,

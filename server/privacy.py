@@ -1,100 +1,278 @@
-"""Central differential privacy: Flower's clipping wrapper, equal weights and an RDP accountant.
+"""Central differential privacy: clipped updates, a fixed denominator, Gaussian noise, a ledger.
 
-With ``dp-noise-multiplier`` z > 0 each site clips its update to the L2 norm
-``dp-clipping-norm`` C before it leaves the site (Flower's ``fixedclipping_mod``, see
-``client.privacy``); the server validates the updates as always, averages the accepted ones
-with equal weights and adds Gaussian noise of standard deviation z·C/n to the average, n being
-the number of training sites (Flower's ``DifferentialPrivacyClientSideFixedClipping``).
+With ``dp-noise-multiplier`` z > 0 every round releases
 
-The mean of m accepted updates moves by at most C/m when one site's update changes, so a
-round that releases an average is a Gaussian mechanism with noise multiplier z·m/n. Flower's
-``RdpAccountant`` composes these rounds (client-level neighbours that add or remove one site,
-no subsampling amplification since every site takes part in every round) and reports epsilon at
-``dp-delta``. A round whose aggregation Flower skips (a site replied with an error) releases
-nothing and costs nothing.
+    global + (sum of the accepted sites' updates, each clipped to L2 norm C) / n + N(0, (z C / n)^2)
+
+over the trained tensors, n being the number of training sites, fixed by the run's centres
+before any round. A site that fails, is missing or whose update is rejected contributes zero,
+so adding or removing one site moves the release by at most C / n whatever the others do:
+every round is a Gaussian mechanism with noise multiplier z. Sites clip their update
+(``client.privacy``) and the server clips it again, so a site that does not clip cannot spend
+more. Flower's ``RdpAccountant`` composes the releases (client-level add-or-remove-one
+neighbours, no subsampling amplification since every site is asked every round) and reports
+epsilon at ``dp-delta``.
+
+Buffers (BatchNorm running statistics, see ``common.privacy``) are averaged over the accepted
+sites in clear, neither clipped nor noised, and are not covered by epsilon; nor are the
+metrics, counts and histograms that sites send beside their update. A model without buffers
+(``norm='group'``) releases only covered tensors.
+
+Every release is appended to the run's privacy ledger (``privacy-ledger.jsonl``, one fsync'd
+JSON line per release) before the noised model leaves this module, and the accountant is
+rebuilt from the ledger when a run resumes: a round released before a crash and released
+again after the resume counts twice, as it was released twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+import os
+import time
+from collections.abc import Collection, Iterable
+from pathlib import Path
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import (
     GaussianPrivacyEvent,
+    Grid,
     NeighboringRelation,
     PrivacyConfig,
     RdpAccountant,
     SamplingMethod,
 )
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.config import ConfigError, RunConfig
 from common.methods import METHODS
-from server.strategies import MethodStrategy
+from common.privacy import BUFFERS_KEY, clipped_update
+from server.strategies import MethodStrategy, record_to_state, state_to_record
 
+LEDGER_FILE = "privacy-ledger.jsonl"
 ACCOUNTING = ("RDP (Flower RdpAccountant), client-level add-or-remove-one neighbours, "
+              "sensitivity C/n with a fixed denominator n (the training sites), "
               "no subsampling amplification")
+COVERS = ("the trained weights of every global model the server released (sent to the sites, "
+          "evaluated, checkpointed, exported)")
+NOT_COVERED = ("BatchNorm running statistics (averaged over the accepted sites in clear)",
+               "training and validation metrics, example counts, update sizes and timings",
+               "class counts of the sites whose centre shares them",
+               "the sites' validation confidence histograms",
+               "which sites answered, failed or were rejected")
 
 
-class PrivateUpdates(DifferentialPrivacyClientSideFixedClipping):
-    """A validated strategy whose aggregate is noised and whose privacy loss is accounted."""
+class PrivacyLedger:
+    """An append-only JSON-lines file with one line per noised release, fsync'd on append.
 
-    def __init__(self, strategy: MethodStrategy, config: RunConfig, num_sites: int) -> None:
-        super().__init__(strategy, config.dp_noise_multiplier, config.dp_clipping_norm,
-                         num_sites)
+    A line that does not end in a newline was being written when the server stopped; its
+    release never left the server, so it is ignored and cut off by the next append.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def releases(self) -> list[dict]:
+        """Every recorded release, oldest first."""
+        if not self.path.is_file():
+            return []
+        *lines, _torn = self.path.read_text().split("\n")
+        entries = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"privacy ledger {self.path}, line {number}: not a JSON "
+                                 f"release record ({error}); epsilon cannot be recomputed"
+                                 ) from error
+        return entries
+
+    def append(self, entry: dict) -> None:
+        """Add ``entry`` and return only once it is on disk."""
+        created = not self.path.exists()
+        with self.path.open("a+b") as ledger:
+            ledger.seek(0)
+            content = ledger.read()
+            if content and not content.endswith(b"\n"):
+                ledger.truncate(content.rfind(b"\n") + 1)
+            ledger.write(json.dumps(entry, sort_keys=True).encode() + b"\n")
+            ledger.flush()
+            os.fsync(ledger.fileno())
+        if created:  # the new directory entry must survive a crash too
+            directory = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+
+
+class PrivateUpdates(Strategy):
+    """A validated method (FedAvg, FedProx) whose releases are noised, ledgered and accounted.
+
+    The wrapped strategy validates the replies (its ``rejected`` list) and aggregates the
+    metrics; this class computes the release from the accepted updates.
+    """
+
+    def __init__(self, strategy: MethodStrategy, config: RunConfig, num_sites: int,
+                 buffers: Collection[str]) -> None:
+        self.strategy = strategy
+        self.noise_multiplier = config.dp_noise_multiplier
+        self.clipping_norm = config.dp_clipping_norm
         self.delta = config.dp_delta
-        self.rdp = RdpAccountant(PrivacyConfig(
+        self.num_sites = num_sites
+        self.buffers = frozenset(buffers)
+        self.rng = np.random.default_rng()  # seeded by the OS, never by the run's seed
+        self.ledger: PrivacyLedger | None = None
+        self.accountant = RdpAccountant(PrivacyConfig(
             target_delta=config.dp_delta, population_size=num_sites,
             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
             sampling_method=SamplingMethod.NO_AMPLIFICATION))
-        self.released: float | None = None  # noise multiplier of the last round's release
+        self.last_release: dict | None = None
+        self.global_state: dict[str, np.ndarray] = {}
+        self.unusable: list[dict] = []
+
+    @property
+    def sensitivity(self) -> float:
+        """How far adding or removing one site moves a release (L2 norm)."""
+        return self.clipping_norm / self.num_sites
 
     @property
     def rejected(self) -> list[dict]:
-        """Updates the validated strategy refused in the current round."""
-        return self.strategy.rejected
+        """Updates refused in the current round, by the validation or as not clippable."""
+        return [*self.strategy.rejected, *self.unusable]
+
+    def use_ledger(self, ledger: PrivacyLedger, rounds: list[dict]) -> None:
+        """Record releases in ``ledger``, first composing those it already holds (a resume).
+
+        ``rounds`` are the run's completed rounds: a ledger holding fewer releases than they
+        counted was truncated or removed, and the run is refused rather than under-counted.
+        """
+        entries = ledger.releases()
+        counted = rounds[-1].get("privacy", {}).get("releases", 0) if rounds else 0
+        if len(entries) < counted:
+            raise ValueError(f"privacy ledger {ledger.path} records {len(entries)} releases but "
+                             f"the run's completed rounds counted {counted}: it was truncated "
+                             "or removed, so epsilon cannot be recomputed")
+        for entry in entries:
+            self._compose(entry)
+        self.ledger = ledger
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """The wrapped strategy's messages, asking sites to clip their trained tensors."""
+        self.global_state = record_to_state(arrays)
+        self.unusable = []
+        config = ConfigRecord({**config, KEY_CLIPPING_NORM: self.clipping_norm,
+                               BUFFERS_KEY: sorted(self.buffers & set(self.global_state))})
+        return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate, average with equal weights, add noise and account for the release."""
+                        ) -> tuple[ArrayRecord, MetricRecord | None]:
+        """Validate, sum the clipped updates over n, add noise, ledger and account; the round
+        always releases, even when no update was accepted."""
+        if self.ledger is None:
+            raise RuntimeError("differential privacy needs a privacy ledger before any release")
         replies = list(replies)
+        _, metrics = self.strategy.aggregate_train(server_round, replies)
+        refused = {item["node_id"] for item in self.strategy.rejected}
+        updates = []
         for reply in replies:
-            if not reply.has_error():  # equal weights: one site moves the mean by <= C/m
-                reply.content["metrics"] = MetricRecord({
-                    **reply.content["metrics"], self.strategy.weighted_by_key: 1})
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        self.released = None
-        if arrays is not None:
-            accepted = sum(not r.has_error() for r in replies) - len(self.strategy.rejected)
-            self.account(self.noise_multiplier * accepted / self.num_sampled_clients)
-        return arrays, metrics
+            if reply.has_error() or reply.metadata.src_node_id in refused:
+                continue
+            state = record_to_state(reply.content["arrays"])
+            problem = self._unclippable(state)
+            if problem:
+                self.unusable.append({"node_id": reply.metadata.src_node_id, "reason": problem})
+            else:
+                updates.append(state)
+        released = self._noised_sum(updates)
+        # The noise multiplier is relative to the sensitivity C/n: what the accountant needs.
+        entry = {"round": server_round, "noise_multiplier": self.noise_multiplier,
+                 "noise_std": self.noise_multiplier * self.sensitivity,
+                 "clipping_norm": self.clipping_norm, "denominator": self.num_sites,
+                 "contributions": len(updates), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.ledger.append(entry)
+        self._compose(entry)
+        return state_to_record(released), metrics
 
-    def account(self, noise_multiplier: float) -> None:
-        """Compose one released average with this effective noise multiplier."""
-        self.rdp.compose(GaussianPrivacyEvent(
-            noise_multiplier=noise_multiplier, sample_size=self.num_sampled_clients,
-            population_size=self.num_sampled_clients))
-        self.released = noise_multiplier
+    def _unclippable(self, state: dict[str, np.ndarray]) -> str | None:
+        """Why an accepted update cannot enter a private sum, or None."""
+        if set(state) != set(self.global_state):
+            return "tensors differ from the global model"
+        for key, reference in self.global_state.items():
+            value = state[key]
+            if value.dtype.kind != "f" or value.shape != reference.shape:
+                return f"{key} is {value.dtype} {value.shape}, expected float {reference.shape}"
+            if not np.all(np.isfinite(value)):
+                return f"{key} contains NaN or Inf"
+        return None
 
-    def restore(self, rounds: list[dict]) -> None:
-        """Re-compose the releases of completed rounds (a resumed run)."""
-        for completed in rounds:
-            released = completed.get("privacy", {}).get("released_noise_multiplier")
-            if released is not None:
-                self.account(released)
+    def _noised_sum(self, updates: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        trained = [key for key in self.global_state if key not in self.buffers]
+        total = {key: np.zeros(self.global_state[key].shape) for key in trained}
+        for state in updates:
+            for key, value in clipped_update(state, self.global_state, self.clipping_norm,
+                                             trained).items():
+                total[key] += value
+        std = self.noise_multiplier * self.sensitivity
+        released = {}
+        for key, reference in self.global_state.items():
+            if key in total:
+                noise = self.rng.normal(0.0, std, reference.shape)
+                value = reference + total[key] / self.num_sites + noise
+            else:
+                value = np.mean([s[key] for s in updates], axis=0) if updates else reference
+            released[key] = np.asarray(value, dtype=reference.dtype)
+        return released
+
+    def _compose(self, entry: dict) -> None:
+        self.accountant.compose(GaussianPrivacyEvent(
+            noise_multiplier=entry["noise_multiplier"], sample_size=self.num_sites,
+            population_size=self.num_sites))
+        self.last_release = entry
+
+    def epsilon(self) -> float:
+        """Epsilon at ``dp-delta`` of every release so far (0 before the first)."""
+        if not self.accountant.num_releases:
+            return 0.0
+        return self.accountant.get_privacy_spent(self.delta).epsilon
 
     def round_privacy(self) -> dict:
-        """This round's release and the privacy spent so far, for the round's report."""
-        spent = self.rdp.get_privacy_spent(self.delta) if self.rdp.num_releases else None
-        return {"released_noise_multiplier": self.released, "releases": self.rdp.num_releases,
-                "epsilon": spent.epsilon if spent else 0.0, "delta": self.delta}
+        """The round's release and the privacy spent so far, for the round's report."""
+        release = self.last_release or {}
+        return {"noise_multiplier": release.get("noise_multiplier"),
+                "contributions": release.get("contributions"), "denominator": self.num_sites,
+                "releases": self.accountant.num_releases, "epsilon": self.epsilon(),
+                "delta": self.delta}
+
+    def privacy_report(self) -> dict:
+        """The run's privacy settings, epsilon, and what epsilon does and does not cover."""
+        return {"noise_multiplier": self.noise_multiplier, "clipping_norm": self.clipping_norm,
+                "denominator": self.num_sites, "noise_std": self.noise_multiplier
+                * self.sensitivity, "epsilon": self.epsilon(), "delta": self.delta,
+                "releases": self.accountant.num_releases, "ledger": LEDGER_FILE,
+                "accounting": ACCOUNTING, "covers": COVERS, "not_covered": list(NOT_COVERED)}
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
+                           ) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()
 
 
-def private_updates(strategy: MethodStrategy, config: RunConfig,
-                    num_sites: int) -> PrivateUpdates | None:
+def private_updates(strategy: MethodStrategy, config: RunConfig, num_sites: int,
+                    buffers: Collection[str]) -> PrivateUpdates | None:
     """``strategy`` wrapped for differential privacy, or None when ``dp-noise-multiplier`` is 0.
 
-    Raises ConfigError when the run's method or wire precision cannot be made private.
+    ``buffers`` are the model's untrained tensors (``common.privacy.untrained_keys``). Raises
+    ConfigError when the run's strategy or wire precision cannot be made private. Attach a
+    ledger (:meth:`PrivateUpdates.use_ledger`) before the first round.
     """
     if config.dp_noise_multiplier == 0:
         return None
@@ -107,14 +285,4 @@ def private_updates(strategy: MethodStrategy, config: RunConfig,
         raise ConfigError("dp-noise-multiplier", f"0 with wire-precision "
                           f"{config.wire_precision!r} (differential privacy clips fp32 updates)",
                           config.dp_noise_multiplier)
-    return PrivateUpdates(strategy, config, num_sites)
-
-
-def privacy_summary(config: RunConfig, rounds: list[dict]) -> dict | None:
-    """The run's differential-privacy settings and final epsilon, or None without DP."""
-    if config.dp_noise_multiplier == 0 or not rounds:
-        return None
-    last = rounds[-1]["privacy"]
-    return {"noise_multiplier": config.dp_noise_multiplier,
-            "clipping_norm": config.dp_clipping_norm, "epsilon": last["epsilon"],
-            "delta": last["delta"], "releases": last["releases"], "accounting": ACCOUNTING}
+    return PrivateUpdates(strategy, config, num_sites, buffers)

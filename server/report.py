@@ -238,9 +238,9 @@ def _centres_section(report: dict) -> Section:
     rows.append((f"{report['held_out_centre']} (held out)", *map(str, held_out),
                  str(sum(held_out))))
     missing = [c for c in report["training_centres"] if c not in counts]
-    paragraphs = ["Training-split class counts as each site reported them with its update "
-                  "(aggregates only, no image leaves a site); the held-out row counts the "
-                  "images the server evaluated."]
+    paragraphs = ["Training-split class counts as each site reported them with its update, "
+                  "only where its centre allows sharing them (aggregates only, no image leaves "
+                  "a site); the held-out row counts the images the server evaluated."]
     if missing:
         paragraphs.append(f"No class counts reported by: {', '.join(missing)}.")
     return Section("Centres", tuple(paragraphs),
@@ -263,16 +263,21 @@ def _clients_section(report: dict) -> Section:
 
 def _privacy_section(report: dict) -> Section:
     privacy = report["privacy"]
-    rows = [(str(r["round"]), fmt(r["privacy"]["released_noise_multiplier"]),
-             fmt(r["privacy"]["epsilon"]), f"{r['privacy']['delta']:g}")
+    rows = [(str(r["round"]), f"{r['privacy']['contributions']}/{r['privacy']['denominator']}",
+             str(r["privacy"]["releases"]), fmt(r["privacy"]["epsilon"]))
             for r in report["rounds"]]
     return Section("Differential privacy", (
-        f"Each site clipped its update to L2 norm {privacy['clipping_norm']:g}; the server "
-        f"added Gaussian noise (noise multiplier {privacy['noise_multiplier']:g}) to the "
-        f"equally weighted average of the accepted updates. After {privacy['releases']} noised "
-        f"releases: epsilon {privacy['epsilon']:.3f} at delta {privacy['delta']:g} "
-        f"({privacy['accounting']}).",),
-        (Table(("round", "released noise multiplier", "epsilon so far", "delta"), rows),))
+        f"Each site clipped its update to L2 norm {privacy['clipping_norm']:g} and the server "
+        f"clipped it again; every round the server released the sum of the accepted updates "
+        f"over the {privacy['denominator']} training sites (a missing or rejected site adds "
+        f"zero) plus Gaussian noise of standard deviation {privacy['noise_std']:.4g} (noise "
+        f"multiplier {privacy['noise_multiplier']:g}). After {privacy['releases']} releases: "
+        f"epsilon {privacy['epsilon']:.3f} at delta {privacy['delta']:g} "
+        f"({privacy['accounting']}); every release is recorded in {privacy['ledger']} before "
+        "it is sent.",
+        f"Epsilon covers {privacy['covers']}. It does not cover what is sent in clear: "
+        f"{'; '.join(privacy['not_covered'])}."),
+        (Table(("round", "contributing sites", "releases so far", "epsilon so far"), rows),))
 
 
 def _model_section(report: dict, run_dir: Path) -> Section:

@@ -1,14 +1,27 @@
 """`cytofed evaluate` and `cytofed predict` on an exported model, without Flower."""
 
 import csv
+import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
-from common.inference import evaluate_centre
+from common.imagecache import load_images
+from common.inference import evaluate_centre, predict_folder
+from common.modelcard import Preprocessing
+from common.train import adapt_batchnorm, predict_probabilities
 from simulations.cli import main
-from tests.exported_model import export_tiny_model
+from tests.conftest import wbc_pixels
+from tests.exported_model import export_tiny_model, tiny_card
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared/data/wbc"
 METRIC_KEYS = {"macro_f1", "balanced_accuracy", "per_class_f1", "confusion_matrix"}
@@ -65,3 +78,78 @@ def test_evaluate_on_shared_bccd_centre(tmp_path, model_dir, capsys):
     assert sum(map(sum, result["confusion_matrix"])) == 351
     assert set(result["per_class_f1"]) == {"neutrophil", "lymphocyte", "monocyte",
                                            "eosinophil", "basophil"}
+
+
+def write_folder(root: Path, count: int, distinct: int = 50) -> Path:
+    """``count`` small PNG files in folders of 200, copies of ``distinct`` encoded cells."""
+    encoded = []
+    for seed in range(distinct):
+        buffer = io.BytesIO()
+        Image.fromarray(wbc_pixels(seed, (40, 32))).save(buffer, "PNG")
+        encoded.append(buffer.getvalue())
+    for i in range(count):
+        folder = root / f"d{i // 200:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:05d}.png").write_bytes(encoded[i % distinct])
+    return root
+
+
+PEAK_RSS = """
+import json, resource, sys
+from pathlib import Path
+from common.inference import predict_folder
+model, small, large, out = map(Path, sys.argv[1:5])
+def peak(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+predict_folder(model, small, out / "small.csv", device="cpu")
+before = peak()
+summary = predict_folder(model, large, out / "large.csv", device="cpu")
+print(json.dumps({"growth": peak() - before, "predictions": summary["predictions"]}))
+"""
+
+
+def test_predict_streams_so_memory_does_not_grow_with_the_folder(tmp_path):
+    """Peak RSS of one process predicting 512 images, then 20,000 (16 px: 15 MB of decoded
+    images, which the whole-folder version held twice and grew by ~40 MB)."""
+    export_tiny_model(tmp_path / "model", preprocessing=Preprocessing(image_size=16))
+    small = write_folder(tmp_path / "small", 512)
+    large = write_folder(tmp_path / "large", 20_000)
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, str(tmp_path / "model"), str(small), str(large),
+         str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(result.stdout.splitlines()[-1])
+    assert measured["predictions"] == 20_000
+    assert measured["growth"] < 12 * 2**20, measured
+    with (tmp_path / "large.csv").open() as handle:
+        assert sum(1 for _ in handle) == 20_001
+
+
+def test_streamed_batchnorm_adaptation_equals_adapting_on_the_whole_folder(tmp_path):
+    model, card_path = export_tiny_model(tmp_path / "model", adapt_batchnorm=True)
+    images = write_folder(tmp_path / "lab", 600, distinct=600)
+    predict_folder(card_path, images, tmp_path / "preds.csv", device="cpu")
+    with (tmp_path / "preds.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    paths = sorted(images.rglob("*.png"))
+    assert [r["file"] for r in rows] == [p.relative_to(images).as_posix() for p in paths]
+    loaded = load_images(paths, 32, tmp_path / "cache")
+    device = torch.device("cpu")
+    adapt_batchnorm(model, torch.from_numpy(loaded.images), device)
+    expected = predict_probabilities(model, torch.from_numpy(loaded.images), device)
+    streamed = np.array([[float(r[f"p_{c}"]) for c in tiny_card().classes] for r in rows])
+    np.testing.assert_allclose(streamed, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+@pytest.mark.parametrize("given", ["missing", "empty-folder", "lonely.safetensors"])
+def test_model_errors_name_the_path_the_user_gave(tmp_path, capsys, command, given):
+    (tmp_path / "empty-folder").mkdir()
+    (tmp_path / "lonely.safetensors").write_bytes(b"")
+    model = tmp_path / given
+    extra = (["--images", str(tmp_path), "--out", str(tmp_path / "p.csv")]
+             if command == "predict" else ["--centre", str(tmp_path / "c.toml")])
+    assert main([command, "--model", str(model), *extra]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"cytofed {command}: error: model {model}")
+    assert "model_card.json does not exist" not in error

@@ -1,11 +1,13 @@
 """Model card round trip, loading an exported model without Flower, and the uncertain threshold."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 
+from common import modelcard
 from common.metrics import confident_share, uncertainty_threshold
 from common.modelcard import CARD_FILE, ModelCard, load_exported_model, read_model_card
 from server.export import model_card
@@ -118,3 +120,42 @@ def test_run_export_card_uses_best_round_and_sites_validation():
     assert (card.backbone, card.norm, card.preprocessing.field_of_view) == (
         "test_resnet", "group", "cell")
     assert card.training["round"] == 2 and card.training_centres == ("a", "b")
+
+
+@pytest.mark.parametrize("weights", ["../../etc/x", "/etc/passwd", "sub/../../x.safetensors", ""])
+def test_a_card_cannot_point_its_weights_outside_its_folder(tmp_path, weights):
+    _, card_path = export_tiny_model(tmp_path / "run")
+    card_path.write_text(json.dumps({**tiny_card().to_dict(), "weights": weights}))
+    with pytest.raises(ValueError, match=re.escape(
+            f"{card_path}: model card field 'weights': expected a file name inside the card's")):
+        load_exported_model(card_path)
+
+
+def test_a_weights_link_leading_outside_the_folder_is_refused(tmp_path):
+    export_tiny_model(tmp_path / "elsewhere")
+    export_tiny_model(tmp_path / "run", weights="linked.safetensors")
+    (tmp_path / "run" / "linked.safetensors").unlink()
+    (tmp_path / "run" / "linked.safetensors").symlink_to(
+        tmp_path / "elsewhere" / "best.safetensors")
+    with pytest.raises(ValueError, match=r"'weights' 'linked\.safetensors' leads outside"):
+        load_exported_model(tmp_path / "run")
+
+
+def test_oversized_cards_weights_and_image_sizes_are_refused(tmp_path, monkeypatch):
+    _, card_path = export_tiny_model(tmp_path / "run")
+    monkeypatch.setattr(modelcard, "MAX_CARD_BYTES", 100)
+    with pytest.raises(ValueError, match=r"model card .* more than the 100 a model card"):
+        read_model_card(card_path)
+    monkeypatch.undo()
+    monkeypatch.setattr(modelcard, "MAX_WEIGHTS_BYTES", 1000)
+    with pytest.raises(ValueError, match=r"weights file .*best.safetensors is \d+ bytes"):
+        load_exported_model(card_path)
+    monkeypatch.undo()
+    huge = tiny_card().to_dict()
+    huge["preprocessing"]["image_size"] = 10**6
+    card_path.write_text(json.dumps(huge))
+    with pytest.raises(ValueError, match=r"'preprocessing\.image_size': expected an integer"):
+        read_model_card(card_path)
+    card_path.write_text("[" * 100_000)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_model_card(card_path)

@@ -1,7 +1,6 @@
 """The method strategy on real Flower messages and client mods: update validation before
 aggregation, each method's aggregate (the same as Flower's own strategies), FedBN's global
-model, pooled validation, dropped sites, and central differential privacy (client-side
-clipping, noised equal-weight averages, epsilon)."""
+model, pooled validation and dropped sites (differential privacy: ``tests/test_privacy.py``)."""
 
 from __future__ import annotations
 
@@ -11,15 +10,12 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.faults import fault_injection_mod
-from client.privacy import dp_clipping_mod
 from common.config import ConfigError, RunConfig
 from common.methods import create_method
 from common.weights import to_wire
 from server.federation import _failures
-from server.privacy import privacy_summary, private_updates
 from server.strategies import (
     NORM_OUTLIER_FACTOR,
     MethodStrategy,
@@ -150,84 +146,6 @@ def test_dropouts_are_attributed_to_the_node_even_when_the_superlink_answers_for
         {"node_id": messages[1].metadata.dst_node_id, "reason": offline.error.reason},
         {"node_id": messages[2].metadata.dst_node_id,
          "reason": "no reply before the round timeout"}]
-
-
-def gaussian_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
-    """Epsilon of ``rounds`` Gaussian mechanisms: RDP alpha*T/(2 z^2), converted with the
-    bound of Canonne, Kamath & Steinke (2020), minimised over a fine grid of orders."""
-    alpha = np.linspace(1.001, 256, 1_000_000)
-    rdp = rounds * alpha / (2 * noise_multiplier**2)
-    return float(np.min(rdp + np.log((alpha - 1) / alpha)
-                        - (np.log(delta) + np.log(alpha)) / (alpha - 1)))
-
-
-def private(config: RunConfig, sites: int = 3):
-    return private_updates(strategy_for(config), config, sites)
-
-
-def test_epsilon_matches_the_gaussian_mechanism_composed_over_rounds():
-    # Known value: one release at noise multiplier 1 costs epsilon 4.73 at delta 1e-5.
-    assert gaussian_epsilon(1.0, 1, 1e-5) == pytest.approx(4.7284, abs=1e-3)
-    strategy = private(RunConfig(dp_noise_multiplier=2.0))
-    for _ in range(10):
-        strategy.account(2.0)
-    spent = strategy.round_privacy()
-    assert spent["releases"] == 10 and spent["delta"] == 1e-5
-    assert spent["epsilon"] == pytest.approx(gaussian_epsilon(2.0, 10, 1e-5), rel=1e-3)
-
-
-def test_noised_average_weighs_sites_equally_and_accounts_for_rejected_updates():
-    np.random.seed(0)
-    strategy = private(RunConfig(dp_noise_multiplier=1e-6, dp_clipping_norm=100.0))
-    messages = list(strategy.configure_train(1, state_to_record(GLOBAL), ConfigRecord(),
-                                             FakeGrid([1, 2, 3])))
-    assert all(m.content["config"][KEY_CLIPPING_NORM] == 100.0 for m in messages)
-    nan = shifted(np.nan)
-    replies = [reply(messages[0], shifted(1.0), examples=10),
-               reply(messages[1], shifted(4.0), examples=1000),
-               reply(messages[2], nan)]
-    arrays, _ = strategy.aggregate_train(1, replies)
-    assert [r["node_id"] for r in strategy.rejected] == [messages[2].metadata.dst_node_id]
-    np.testing.assert_allclose(record_to_state(arrays)["fc.bias"], 2.5, atol=1e-3)
-    assert strategy.round_privacy()["released_noise_multiplier"] == pytest.approx(1e-6 * 2 / 3)
-
-
-def test_resumed_run_restores_the_privacy_spent():
-    config = RunConfig(dp_noise_multiplier=1.5)
-    first = private(config)
-    rounds = []
-    for number in (1, 2):
-        first.account(1.5)
-        rounds.append({"round": number, "privacy": first.round_privacy()})
-    resumed = private(config)
-    resumed.restore(rounds)
-    assert resumed.round_privacy()["epsilon"] == pytest.approx(rounds[-1]["privacy"]["epsilon"])
-    assert privacy_summary(config, rounds)["epsilon"] == rounds[-1]["privacy"]["epsilon"]
-    assert privacy_summary(RunConfig(), rounds) is None
-
-
-@pytest.mark.parametrize("config", [RunConfig(dp_noise_multiplier=1.0, strategy="fedmedian"),
-                                    RunConfig(dp_noise_multiplier=1.0, wire_precision="bf16")])
-def test_incompatible_settings_are_refused_naming_the_field(config):
-    with pytest.raises(ConfigError, match="run config field 'dp-noise-multiplier'"):
-        private(config)
-    assert private(RunConfig()) is None
-
-
-def test_sites_clip_their_update_only_when_the_server_asks():
-    messages = list(strategy_for(RunConfig(min_train_nodes=1)).configure_train(
-        1, state_to_record(GLOBAL), ConfigRecord(), FakeGrid([1])))
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-
-    def train(message: Message, _: Context) -> Message:
-        return reply(message, shifted(10.0))
-
-    plain = dp_clipping_mod(messages[0], context, train)
-    np.testing.assert_allclose(record_to_state(plain.content["arrays"])["fc.bias"], 10.0)
-    messages[0].content["config"][KEY_CLIPPING_NORM] = 1.0
-    clipped = record_to_state(dp_clipping_mod(messages[0], context, train).content["arrays"])
-    norm = np.sqrt(sum(np.sum((clipped[k] - GLOBAL[k]) ** 2) for k in GLOBAL))
-    assert norm == pytest.approx(1.0, rel=1e-5)
 
 
 def random_updates(count: int, seed: int) -> list[dict[str, np.ndarray]]:
