@@ -18,6 +18,7 @@ from torch import nn
 from client.app import app as client_app
 from client.privacy import dp_clipping_mod
 from common.config import ConfigError, RunConfig
+from common.methods import create_method
 from common.privacy import BUFFERS_KEY, untrained_keys
 from server.app import main as server_main
 from server.privacy import LEDGER_FILE, PrivacyLedger, PrivateUpdates, private_updates
@@ -60,9 +61,13 @@ def reply(message: Message, state: dict[str, np.ndarray] | None) -> Message:
     return Message(content=content, reply_to=message)
 
 
+def strategy_for(config: RunConfig):
+    return create_strategy(config, create_method(config), GLOBAL)
+
+
 def private(tmp_path: Path, sites: int = 3, **settings) -> PrivateUpdates:
     config = RunConfig(**{"dp_noise_multiplier": 1.0, **settings})
-    strategy = private_updates(create_strategy(config, set()), config, sites, BUFFERS)
+    strategy = private_updates(strategy_for(config), config, sites, BUFFERS)
     strategy.use_ledger(PrivacyLedger(tmp_path / LEDGER_FILE), [])
     return strategy
 
@@ -163,7 +168,7 @@ def test_the_ledger_line_is_fsynced_before_the_release_leaves(tmp_path, monkeypa
     assert synced == [str(tmp_path / LEDGER_FILE), str(tmp_path)]
     with pytest.raises(RuntimeError, match="needs a privacy ledger"):
         config = RunConfig(dp_noise_multiplier=1.0)
-        unledgered = private_updates(create_strategy(config, set()), config, 3, BUFFERS)
+        unledgered = private_updates(strategy_for(config), config, 3, BUFFERS)
         train_round(unledgered, {1: shifted(0.1), 2: shifted(0.2), 3: None})
 
 
@@ -195,8 +200,8 @@ def test_a_resumed_server_counts_every_ledgered_release_once(tmp_path):
                                     RunConfig(dp_noise_multiplier=1.0, wire_precision="bf16")])
 def test_incompatible_settings_are_refused_naming_the_field(config):
     with pytest.raises(ConfigError, match="run config field 'dp-noise-multiplier'"):
-        private_updates(create_strategy(config, set()), config, 3, BUFFERS)
-    assert private_updates(create_strategy(RunConfig(), set()), RunConfig(), 3, BUFFERS) is None
+        private_updates(strategy_for(config), config, 3, BUFFERS)
+    assert private_updates(strategy_for(RunConfig()), RunConfig(), 3, BUFFERS) is None
 
 
 def test_sites_clip_their_trained_tensors_only_when_the_server_asks(tmp_path):
@@ -225,7 +230,8 @@ def test_a_private_batchnorm_run_crashed_after_a_release_counts_that_release_onc
     run_config = RunConfig(model="test_resnet", image_size=16, synthetic_images=40,
                            num_server_rounds=2, dp_noise_multiplier=1.0, augment="none",
                            device="cpu", output_dir=str(tmp_path / "runs"),
-                           cache_dir=str(tmp_path / "cache")).to_dict()
+                           cache_dir=str(tmp_path / "cache"),
+                           allow_synthetic=True).to_dict()  # the loopback grid is no simulation
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                       run_config=run_config)
     complete_round = RunDirectory.complete_round

@@ -85,13 +85,14 @@ def test_a_site_error_reaches_the_server_as_a_code_and_its_path_stays_in_the_sit
             tmp_path, '[[centre]]\nname = "clinic-a"\nformat = "synthetic"\n\n'
                       f'[[centre]]\nname = "clinic-b"\npath = "{SECRET}"\n\n')
     failed = [(kind, data) for node, kind, data in grid.wire if node == 2]
-    assert [kind for kind, _ in failed] == ["train", "evaluate"]
+    # train, validation, and the selected model on its test split at the end
+    assert [kind for kind, _ in failed] == ["train", "evaluate", "evaluate"]
     for _, data in failed:
         assert values_sent(data) == [DATA] and b"secret-lab" not in data
     assert report["rounds"][0]["dropped"] == [{"node_id": 2, "reason": DATA}]
     assert "secret-lab" not in next((tmp_path / "runs").glob("*/report.json")).read_text()
     logged = [r for r in caplog.records if r.name == "cytofed.site"]
-    assert len(logged) == 2 and SECRET in logged[0].exc_text
+    assert len(logged) == 3 and SECRET in logged[0].exc_text
     assert logged[0].getMessage() == f"train failed ({DATA} sent to the server)"
 
 
