@@ -376,7 +376,7 @@ def register_bench_command(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, help="pixels (default 224 on CUDA, 64 on CPU)")
     parser.add_argument("--batch-size", type=int, help="default 256 on CUDA, 64 on CPU")
     parser.add_argument("--steps", type=int, help="timed steps per block (default 30 / 8)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed blocks of (a) and of (b)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed blocks of (a), (b) and (f)")
     parser.add_argument("--threads", type=int,
                         help="torch threads of this process (default: torch's)")
     parser.add_argument("--augment", default="domain", help="augmentation preset or op list")

@@ -83,7 +83,8 @@ def centre_files(spec: CentreSpec, config: RunConfig) -> tuple[list[Path], list[
     """The image files cytofed loads for ``spec`` (readable ones, in load order) and labels."""
     kept, _ = usable_records(spec)
     paths = [record.path for record, _ in kept]
-    loaded = load_images(paths, config.image_size, cache_dir(config), config.field_of_view)
+    loaded = load_images(paths, config.image_size, cache_dir(config), config.field_of_view,
+                         label=f"the peer's files of {spec.name}")
     return [paths[i] for i in loaded.readable], [kept[i][1] for i in loaded.readable]
 
 

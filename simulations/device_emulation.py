@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import re
 import subprocess
-import sys
 import sysconfig
+import venv
 from importlib.metadata import distributions
 from pathlib import Path
 
@@ -70,8 +70,7 @@ def device_entries(site_packages: Path) -> dict[str, Path]:
 def emulate(target: Path, site_packages: Path | None = None) -> Path:
     """Create the emulated environment in ``target``; returns its Python."""
     site_packages = Path(site_packages or sysconfig.get_paths()["purelib"])
-    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(target)],
-                   check=True)
+    venv.create(target, with_pip=False)  # from the base interpreter, even inside a venv
     python = target / "bin" / "python"
     own_site = Path(subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
