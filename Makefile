@@ -4,6 +4,9 @@ VENV ?= $(CURDIR)/.venv
 BIN := $(VENV)/bin
 # Flower's home (installed app bundles) stays inside the project.
 export FLWR_HOME := $(CURDIR)/.flwr
+# The app's dependencies are installed in .venv: no per-run `uv sync` into a fresh environment
+# (whose imports then compile every module anew). Read when the local SuperLink starts.
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export PATH := $(BIN):$(PATH)
 RUN_CONFIG ?=
 SUPERNODES ?= 3

@@ -75,7 +75,12 @@ def run_overrides(run: Run, recipe: dict[str, Any], reference: dict[str, Any],
 
 
 def run_federated(overrides: dict[str, Any], supernodes: int) -> list[Path]:
-    """One federated run on Flower's simulation engine; returns its report.json."""
+    """One federated run on Flower's simulation engine (with ``CYTOFED_FLOWER_ENGINE=deployment``
+    on a local SuperLink and SuperNodes, no Ray); returns its report.json."""
+    from simulations.local_deployment import engine, run_deployed
+
+    if engine() == "deployment":
+        return [run_deployed(overrides, supernodes)]
     from flwr.simulation import run_simulation
 
     from client.app import build_client_app
