@@ -17,10 +17,11 @@ cell.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from scipy import ndimage as ndi
 
 ANALYSIS_SIZE = 128  # detection runs on a block-averaged copy whose short side is about this
@@ -38,6 +39,7 @@ HUE_RATIO = 0.5  # cells: if Otsu splits them by stain (darkness x hue) into a c
 MIN_EVIDENCE = 0.15  # nucleus hue plus darkness over its surroundings below this: not a nucleus
 MIN_AREA_FRACTION = 0.005  # nucleus smaller than this fraction of the field: debris, not a cell
 MAX_AREA_FRACTION = 0.75  # nucleus larger than this fraction: the threshold caught background
+MAX_WINDOW_FRACTION = 2.0  # widest crop window, as a multiple of the image's short side
 FALLBACK_FRACTION = 0.8  # centre-crop side (fraction of the short side) when no cell is found
 
 # HUE_NOTE: on the three shared centres, nuclei have a median green-minus-blue optical density
@@ -208,26 +210,44 @@ def crop_window(box: CellBox, shape: tuple[int, ...],
     """(left, top, right, bottom) of the square crop window for ``box`` in an image of ``shape``.
 
     The side is ``context`` x the nucleus size (``FALLBACK_FRACTION`` of the short side when the
-    cell was not found), at most the short side; the window is centred on the nucleus and
-    shifted inside the image at the borders rather than padded.
+    cell was not found), so the cell fills the same share of every crop whatever the centre's
+    field of view; at most ``MAX_WINDOW_FRACTION`` x the short side. A window that fits is
+    centred on the nucleus and shifted inside the image at its borders; a wider one (a tight
+    crop around the cell, as Jiangxi and BCCD send) is centred on the nucleus and reaches past
+    the image, where :func:`crop_to_cell` pads with the border's colour.
     """
     height, width = shape[:2]
     short_side = min(height, width)
     side = context * box.size if box.found else FALLBACK_FRACTION * short_side
-    side = min(side, short_side)
-    top = float(np.clip(box.cy - side / 2, 0, height - side))
-    left = float(np.clip(box.cx - side / 2, 0, width - side))
+    side = min(side, MAX_WINDOW_FRACTION * short_side)
+    top = float(np.clip(box.cy - side / 2, 0, height - side)) if side <= height else \
+        float(box.cy - side / 2)
+    left = float(np.clip(box.cx - side / 2, 0, width - side)) if side <= width else \
+        float(box.cx - side / 2)
     return left, top, left + side, top + side
+
+
+def border_colour(picture: Image.Image) -> tuple[int, int, int]:
+    """Per-channel median of the outermost pixel ring of an RGB image (its background)."""
+    pixels = np.asarray(picture)
+    ring = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    red, green, blue = np.median(ring, axis=0)
+    return int(red), int(green), int(blue)
 
 
 def crop_to_cell(image: np.ndarray | Image.Image, out_size: int, context: float = 2.2,
                  box: CellBox | None = None) -> np.ndarray:
-    """Uint8 (out_size, out_size, 3) view of the white cell (``box`` found if not given)."""
+    """Uint8 (out_size, out_size, 3) view of the white cell (``box`` found if not given);
+    where the window reaches past the image, the border's colour fills it."""
     picture = as_picture(image)
     box = find_cell(picture) if box is None else box
-    window = crop_window(box, (picture.height, picture.width), context)
+    left, top, right, bottom = crop_window(box, (picture.height, picture.width), context)
+    margin = math.ceil(max(0.0, -left, -top, right - picture.width, bottom - picture.height))
+    if margin:
+        picture = ImageOps.expand(picture, border=margin, fill=border_colour(picture))
+        left, top, right, bottom = (v + margin for v in (left, top, right, bottom))
     return np.asarray(picture.resize((out_size, out_size), Image.Resampling.BILINEAR,
-                                     box=window))
+                                     box=(left, top, right, bottom)))
 
 
 def normalise_field_of_view(images: np.ndarray, out_size: int,

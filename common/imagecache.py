@@ -44,9 +44,10 @@ from typing import NamedTuple, TypeVar
 import numpy as np
 from PIL import Image
 
+from common.fov import border_colour
 from common.progress import progress_bar
 
-CACHE_VERSION = 2  # bump when decoding or preprocessing changes what a stored image looks like
+CACHE_VERSION = 3  # bump when decoding or preprocessing changes what a stored image looks like
 MODES = ("full", "cell")
 UNDECODABLE = -1  # index row of a file whose bytes are known not to decode
 FLUSH_EVERY = 512  # newly decoded images written to the store per batch
@@ -142,14 +143,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
-
-
-def border_colour(image: Image.Image) -> tuple[int, int, int]:
-    """Per-channel median of the outermost pixel ring of an RGB image."""
-    pixels = np.asarray(image)
-    ring = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    red, green, blue = np.median(ring, axis=0)
-    return int(red), int(green), int(blue)
 
 
 def pad_to_square(image: Image.Image) -> Image.Image:

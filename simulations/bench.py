@@ -241,10 +241,11 @@ def simulated_report(values: dict[str, Any], sites: int, workers: int,
 
 def deployed_report(values: dict[str, Any], sites: int) -> dict:
     """report.json of the app on Flower's deployment engine: a local SuperLink and one
-    SuperNode process per site (:mod:`simulations.local_deployment`), every site at once."""
+    SuperNode process per site (:mod:`simulations.local_deployment`), every site at once.
+    A real SuperLink refuses the synthetic clinics unless asked: this benchmark asks."""
     from simulations.local_deployment import run_deployed
 
-    return json.loads(run_deployed(values, sites).read_text())
+    return json.loads(run_deployed({**values, "allow-synthetic": True}, sites).read_text())
 
 
 def flower_overhead(overrides: dict[str, Any], device: torch.device,

@@ -14,7 +14,9 @@ from PIL import Image
 
 from common.fov import (
     FALLBACK_FRACTION,
+    MAX_WINDOW_FRACTION,
     CellBox,
+    border_colour,
     crop_to_cell,
     crop_window,
     find_cell,
@@ -136,7 +138,20 @@ def test_crop_window_is_square_inside_image_and_scaled_by_context() -> None:
     assert crop_window(corner, image.shape, 2.2)[:2] == (0.0, 0.0)
     huge = CellBox(cy=100.0, cx=120.0, size=500.0, found=True)
     left, _, right, _ = crop_window(huge, image.shape, 2.2)
-    assert right - left == pytest.approx(min(image.shape[:2]))
+    assert right - left == pytest.approx(MAX_WINDOW_FRACTION * min(image.shape[:2]))
+
+
+def test_a_tight_crop_shows_the_cell_at_the_scale_of_a_wide_field() -> None:
+    # The same cell in a wide field and cut tightly around it (as Jiangxi and BCCD send it):
+    # the window is context x the nucleus in both, so the cell fills the same share of the
+    # crop; where the window leaves the tight image, the border's colour fills it.
+    wide = synthetic_cell(shape=(240, 240), centre=(120, 120), radius=20)
+    tight = wide[85:155, 85:155]
+    wide_crop, tight_crop = crop_to_cell(wide, OUT_SIZE), crop_to_cell(tight, OUT_SIZE)
+    dark = [(crop.min(axis=2) < 120).mean() for crop in (wide_crop, tight_crop)]
+    assert dark[1] == pytest.approx(dark[0], rel=0.25)
+    corner = tight_crop[:4, :4].reshape(-1, 3).astype(int)
+    assert np.abs(corner - np.asarray(border_colour(Image.fromarray(tight)))).max() <= 2
 
 
 def test_crop_to_cell_shape_and_zoom() -> None:
@@ -221,7 +236,7 @@ def test_barcelona_view_is_tightened_on_the_cell() -> None:
         sides.append(relative_window_side(image, box))
         crop = crop_to_cell(image, OUT_SIZE, box=box)
         dark_gain.append((crop[..., 1] < 110).mean() / max((image[..., 1] < 110).mean(), 1e-6))
-    assert np.median(sides) < 0.85 and max(sides) <= 1.0
+    assert np.median(sides) < 0.85 and max(sides) <= MAX_WINDOW_FRACTION
     assert np.median(dark_gain) > 1.3  # more of the view is nucleus (MGG nuclei: green < 110)
 
 

@@ -3,12 +3,12 @@ deployment engine, on real Flower simulations and processes."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
 from simulations.cli import main
 from simulations.local_deployment import LocalDeployment
-from tests.integration.conftest import processes_with_env
 from tests.test_bench import TINY, assert_sane
 
 pytestmark = pytest.mark.integration
@@ -46,10 +46,23 @@ def test_bench_sites_measures_round_time_and_server_memory_per_site_count(tmp_pa
     assert figure.stat().st_size > 0
 
 
+def processes_with_env(marker: str) -> list[int]:
+    """Ids of the processes whose environment contains ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def test_a_local_deployment_runs_the_app_and_stops_every_process(tmp_path):
     run_config = {"num-server-rounds": 2, "model": "test_resnet", "image-size": 32,
                   "synthetic-images": 60, "output-dir": str(tmp_path / "runs"),
-                  "cache-dir": str(tmp_path / "cache"), "run-name": "deployed"}
+                  "cache-dir": str(tmp_path / "cache"), "run-name": "deployed",
+                  "allow-synthetic": True}  # a real SuperLink: synthetic data must be asked for
     with LocalDeployment(3, tmp_path / "deployment") as deployment:
         assert processes_with_env(f"FLWR_HOME={tmp_path / 'deployment'}")
         report = json.loads(deployment.run(run_config, timeout=900).read_text())
