@@ -109,9 +109,9 @@ def train_local(model: nn.Module, images: torch.Tensor, labels: np.ndarray, loss
                 on_epoch: Callable[[int, float], None] | None = None) -> dict[str, float]:
     """Train ``model`` in place for ``settings.epochs`` epochs; returns mean loss and throughput.
 
-    ``images`` comes from :func:`images_on_device`. With ``proximal_mu > 0`` the FedProx term
-    ``mu/2 * ||w - w_start||^2`` keeps the weights near those the call started from. The host
-    waits for the device once per epoch (the loss), never per step.
+    ``images`` are placed (``common.model_input.ModelInput.place``). With ``proximal_mu > 0``
+    the FedProx term ``mu/2 * ||w - w_start||^2`` keeps the weights near those the call
+    started from. The host waits for the device once per epoch (the loss), never per step.
     """
     model.train()
     network = prepare_model(model, device, settings.compile)

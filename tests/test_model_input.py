@@ -104,6 +104,16 @@ def test_place_normalises_once_and_leaves_the_callers_images_alone():
     assert torch.equal(unchanged, torch.from_numpy(original))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_placing_on_cuda_normalises_as_on_the_cpu():
+    data = centre()
+    inputs = ModelInput(HALF, HALF, "reinhard")
+    on_cuda = inputs.place(data.images, torch.device("cuda"))
+    assert on_cuda.device.type == "cuda" and on_cuda.dtype == torch.uint8
+    difference = on_cuda.cpu().int() - inputs.place(data.images, CPU).int()
+    assert difference.abs().max() <= 1  # rounding of float32 on two devices
+
+
 def test_every_scoring_path_feeds_the_model_what_it_expects():
     """Validation, test and held-out scoring and the temperature curve: the model sees the
     stain-normalised images in its backbone's [-1, 1], whether the caller placed them or not
