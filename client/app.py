@@ -1,5 +1,7 @@
 """cytofed ClientApp: a site trains the global model on its own images and scores it on its
-validation split every round and on its test split once, at the end.
+validation split every round; at the end it sends its validation NLL curve of the selected
+model (federated temperature scaling) and scores that model at the chosen temperature on its
+validation and test splits.
 
 Only weights and aggregate metrics (confusion counts, confidence shares, losses) leave the
 site. The centre comes from ``node_config``:
@@ -23,7 +25,8 @@ from client.evaluator import register_role_handlers, site_role_mod
 from client.faults import fault_injection_mod
 from client.privacy import dp_clipping_mod
 from client.site import Site, open_site
-from common.pipeline import fit, round_seed, score_as_applied
+from common.calibration import CURVE_MESSAGE, CURVE_RECORD, checked_temperature
+from common.pipeline import fit, round_seed, score_as_applied, temperature_curve
 from common.selection import site_report
 
 # Errors leave a site as a fixed code (outermost, so it sees every failure); the node's role
@@ -64,24 +67,42 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Metrics of the global model on the split the server names (``split`` in the config:
-    ``val``, the default, or ``test``), as the exported model is applied.
+    ``val``, the default, or ``test``) at its ``temperature`` (default 1), as the exported
+    model is applied.
 
     Aggregates only (see ``common.selection.site_report``): confusion counts, and confidence
     histograms as shares of the split's images, so the server's example-weighted average is
     the pooled histogram of all sites.
     """
     site = open_site(context)
-    split = str(msg.content["config"].get("split", "val"))
+    config = msg.content["config"]
+    split = str(config.get("split", "val"))
+    temperature = checked_temperature(config.get("temperature", 1.0), "the server's "
+                                      "'temperature'")
     data = site.split(split)
     site.load_global(site.model, msg.content["arrays"])
     started = time.perf_counter()
     metrics = score_as_applied(site.model, data, site.config,
-                               images=site.device_images.get(split))
+                               images=site.device_images.get(split), temperature=temperature)
     report = {**site_report(split, metrics, len(site.classes)),
               "eval_seconds": time.perf_counter() - started}
     return Message(content=RecordDict({"metrics": MetricRecord(report),
                                        "site": ConfigRecord({"centre": site.spec.name})}),
                    reply_to=msg)
+
+
+@app.evaluate(CURVE_MESSAGE.split(".")[1])
+def validation_curve(msg: Message, context: Context) -> Message:
+    """The summed validation NLL of the global model (as applied) at every temperature of
+    ``common.calibration.TEMPERATURES`` and the image count: numbers only, no logit or label.
+    A site with an empty validation split sends no curve."""
+    site = open_site(context)
+    site.load_global(site.model, msg.content["arrays"])
+    curve = temperature_curve(site.model, site.val, site.config, site.device_images["val"])
+    reply = RecordDict({"site": ConfigRecord({"centre": site.spec.name})})
+    if curve is not None:
+        reply[CURVE_RECORD] = MetricRecord(curve.to_dict())
+    return Message(content=reply, reply_to=msg)
 
 
 @app.query("class_counts")
@@ -116,6 +137,7 @@ def build_client_app(overrides: Mapping[str, Any]) -> ClientApp:
     client_app = ClientApp(mods=[merge_overrides, *MODS])
     client_app.train()(train)
     client_app.evaluate()(evaluate)
+    client_app.evaluate(CURVE_MESSAGE.split(".")[1])(validation_curve)
     client_app.query("class_counts")(class_counts)
     register_role_handlers(client_app)
     return client_app

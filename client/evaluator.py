@@ -1,7 +1,7 @@
 """The held-out evaluator site: a SuperNode that scores the global model on its own images.
 
 Started with ``cytofed site --role evaluator`` (node config ``role='evaluator'``), it answers
-``evaluate.held_out`` (the global weights in; out the metrics of
+``evaluate.held_out`` (the global weights and a temperature in; out the metrics of
 :func:`common.pipeline.score_held_out`, exactly what the server computes in simulation:
 confusion matrix, per-class F1, calibration bins, confidence histograms) and ``query.role``.
 :func:`site_role_mod` refuses every other message, so it never trains and never sends
@@ -26,6 +26,7 @@ from flwr.common.constant import ErrorCode
 from torch import nn
 
 from client.site import site_centre
+from common.calibration import checked_temperature
 from common.config import RunConfig, parse_run_config
 from common.data import CentreData, CentreSpec
 from common.evaluator_protocol import (
@@ -37,8 +38,7 @@ from common.evaluator_protocol import (
     TRAIN,
     encode_held_out,
 )
-from common.pipeline import load_centre_data, new_model, score_held_out
-from common.train import images_on_device, resolve_device
+from common.pipeline import load_centre_data, new_model, place, score_held_out
 from common.weights import load_state
 
 
@@ -101,7 +101,7 @@ class HeldOutSite:
 
     @functools.cached_property
     def images(self) -> torch.Tensor:
-        return images_on_device(self.data.images, resolve_device(self.config.device))
+        return place(self.data, self.config)
 
 
 def open_held_out_site(context: Context) -> HeldOutSite:
@@ -121,11 +121,14 @@ def _open_held_out_site(config: RunConfig, node_config: tuple) -> HeldOutSite:
 
 @failing_quietly
 def evaluate_held_out(msg: Message, context: Context) -> Message:
-    """Metrics of the global weights on every image of the held-out centre."""
+    """Metrics of the global weights at the server's temperature (1 unless it sends one) on
+    every image of the held-out centre."""
     site = open_held_out_site(context)
     started = time.perf_counter()
+    config = msg.content.config_records.get("config", {})
+    temperature = checked_temperature(config.get("temperature", 1.0), "the server's 'temperature'")
     load_state(site.model, {key: array.numpy() for key, array in msg.content["arrays"].items()})
-    result = score_held_out(site.model, site.data, site.config, site.images)
+    result = score_held_out(site.model, site.data, site.config, site.images, temperature)
     record = ConfigRecord({"centre": site.spec.name, "metrics": encode_held_out(result),
                            "seconds": time.perf_counter() - started})
     return Message(RecordDict({"held-out": record}), reply_to=msg)

@@ -21,9 +21,8 @@ from torch import nn
 from common.config import RunConfig, parse_run_config, resolve_centres, training_centres
 from common.data import CentreData, CentreSpec
 from common.methods import Method, create_method
-from common.pipeline import centre_splits, load_centre_data, new_model
+from common.pipeline import centre_splits, load_centre_data, new_model, place
 from common.selection import SPLITS
-from common.train import images_on_device, resolve_device
 from common.weights import from_wire, load_state, model_state, to_wire
 
 KEPT_STATE_KEY = "site-kept-state"
@@ -56,11 +55,9 @@ class Site:
 
     @functools.cached_property
     def device_images(self) -> dict[str, torch.Tensor]:
-        """The train and val images, uploaded once (see ``images_on_device``); the test split
-        is scored once per run and placed then."""
-        device = resolve_device(self.config.device)
-        return {"train": images_on_device(self.train.images, device),
-                "val": images_on_device(self.val.images, device)}
+        """The train and val images, placed once (``common.pipeline.place``: stain-normalised,
+        uploaded); the test split is scored once per run and placed then."""
+        return {"train": place(self.train, self.config), "val": place(self.val, self.config)}
 
     def split(self, name: str) -> CentreData:
         """The split a server asks the site to score (``val`` or ``test``)."""

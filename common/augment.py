@@ -323,32 +323,30 @@ def normalise(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 
 
 def to_model_input(batch_u8: Tensor, mean: Sequence[float] = IMAGENET_MEAN,
-                   std: Sequence[float] = IMAGENET_STD,
-                   stain_normaliser: nn.Module | None = None) -> Tensor:
+                   std: Sequence[float] = IMAGENET_STD) -> Tensor:
     """Evaluation path: uint8 (B, H, W, 3) to normalised float32 (B, 3, H, W), channels last.
 
-    ``stain_normaliser`` (``common.stain.build_stain_normaliser``) is applied first, exactly
-    as :class:`Augmenter` applies it in training.
+    Runs use ``common.model_input.ModelInput.normalise``: the backbone's own mean/std, on
+    images stain-normalised when they were placed.
     """
     device = batch_u8.device
-    x = to_unit_float(batch_u8)
-    if stain_normaliser is not None:
-        x = stain_normaliser.to(device)(x)
-    return normalise(x, channel_stats(mean, device), channel_stats(std, device))
+    return normalise(to_unit_float(batch_u8), channel_stats(mean, device),
+                     channel_stats(std, device))
 
 
 class Augmenter(nn.Module):
     """The named ops applied in order to a uint8 batch, then mean/std normalisation.
 
-    Before the named ops: the deterministic ``stain_normaliser`` (also applied by
-    :func:`to_model_input` at prediction), then the random ``restainer``
-    (``common.stain.Restainer``). Constants (mean, std, stain matrices) are buffers that move
-    to the batch's device on the first call, so later batches copy nothing from the host.
+    Before the named ops: the random ``restainer`` (``common.stain.Restainer``). Stain
+    normalisation is not an op here: it is applied once to the images when they are placed
+    (``common.model_input.ModelInput.place``), for training and prediction alike; runs pass
+    the backbone's mean/std (``ModelInput``). Constants (mean, std, stain matrices) are buffers
+    that move to the batch's device on the first call, so later batches copy nothing from the
+    host.
     """
 
     def __init__(self, names: Sequence[str], hparams: AugmentHParams | None = None,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 stain_normaliser: nn.Module | None = None,
                  restainer: nn.Module | None = None) -> None:
         super().__init__()
         unknown = [name for name in names if name not in AUGMENTATIONS]
@@ -358,7 +356,7 @@ class Augmenter(nn.Module):
         self.hparams = hparams or AugmentHParams()
         self.names = tuple(names)
         self.ops = nn.ModuleList(AUGMENTATIONS[name](self.hparams) for name in self.names)
-        self.stain_ops = nn.ModuleList(op for op in (stain_normaliser, restainer) if op is not None)
+        self.stain_ops = nn.ModuleList(op for op in (restainer,) if op is not None)
         self.register_buffer("mean", channel_stats(mean), persistent=False)
         self.register_buffer("std", channel_stats(std), persistent=False)
 
@@ -372,10 +370,10 @@ class Augmenter(nn.Module):
 
 
 def build_augmenter(spec: str, hparams: AugmentHParams | None = None,
-                    stain_normaliser: nn.Module | None = None,
+                    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                     restainer: nn.Module | None = None) -> Augmenter:
     """Augmenter from a preset name or a comma-separated list of op names."""
     names = PRESETS.get(spec)
     if names is None:
         names = tuple(name.strip() for name in spec.split(",") if name.strip())
-    return Augmenter(names, hparams, stain_normaliser=stain_normaliser, restainer=restainer)
+    return Augmenter(names, hparams, mean, std, restainer=restainer)

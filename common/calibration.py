@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+CURVE_MESSAGE = "evaluate.temperature_curve"  # the selected weights in, a site's curve out
+CURVE_RECORD = "temperature-curve"  # the reply's MetricRecord: NllCurve.to_dict()
 # Log-spaced from 0.25 to 8 (sharpening to strong softening), 5% apart.
 TEMPERATURES: tuple[float, ...] = tuple(
     float(t) for t in np.exp(np.linspace(math.log(0.25), math.log(8.0), 72)))
@@ -26,6 +28,15 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     logits = np.asarray(logits, dtype=np.float64)
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def checked_temperature(value: Any, source: str = "temperature") -> float:
+    """``value`` as a temperature (a finite positive number), or a ValueError naming
+    ``source`` (a temperature a site receives comes from the server's message)."""
+    if (isinstance(value, bool) or not isinstance(value, int | float | np.number)
+            or not math.isfinite(value) or not value > 0):
+        raise ValueError(f"{source}: expected a finite positive number, got {value!r}")
+    return float(value)
 
 
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -89,6 +100,12 @@ def nll_curve(logits: np.ndarray, labels: np.ndarray,
     rows = np.arange(len(labels))
     sums = tuple(float(-log_softmax(logits / t)[rows, labels].sum()) for t in temperatures)
     return NllCurve(sums, len(labels), tuple(temperatures))
+
+
+def pooled_nll(curves: Sequence[NllCurve], temperature: float) -> float:
+    """Mean NLL per image of the sites' pooled curves at ``temperature``, one of the grid's."""
+    index = curves[0].temperatures.index(temperature)
+    return float(sum(c.nll_sums[index] for c in curves) / sum(c.count for c in curves))
 
 
 def pick_temperature(curves: Sequence[NllCurve]) -> float:

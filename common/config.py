@@ -46,6 +46,7 @@ class RunConfig:
     class_prior: str = "local"
     augment: str = "stain"
     field_of_view: str = "full"
+    stain_normalise: str = "none"
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.01
@@ -111,6 +112,12 @@ def _known_augmentation(spec: str) -> bool:
     return True
 
 
+def _stain_normalisations() -> tuple[str, ...]:
+    from common.model_input import STAIN_NORMALISATIONS
+
+    return STAIN_NORMALISATIONS
+
+
 def _methods() -> list[str]:
     from common.methods import METHODS
 
@@ -144,6 +151,8 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
     "class_prior": (_one_of(CLASS_PRIORS), f"one of {CLASS_PRIORS}"),
     "augment": (_known_augmentation, "an augmentation preset or comma-separated op names"),
     "field_of_view": (_one_of(FIELDS_OF_VIEW), f"one of {FIELDS_OF_VIEW}"),
+    "stain_normalise": (_one_of(_stain_normalisations),
+                        lambda: f"one of {_stain_normalisations()}"),
     "strategy": (_one_of(_methods), lambda: f"one of the methods {_methods()}"),
     "proximal_mu": (_non_negative, "a number >= 0"),
     "server_learning_rate": (_positive, "a positive number"),

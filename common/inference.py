@@ -3,12 +3,15 @@
 ``MODEL`` is a model card, a run directory or a weights file beside its card (see
 ``common.modelcard``). Images are decoded exactly as in training (``common.imagecache``), into
 a temporary cache unless a cache folder is given, so the training cache is never written
-unasked.
+unasked, then placed and normalised as the card says (``common.model_input``), and every
+probability is taken at the card's temperature. BatchNorm statistics are adapted to the
+scored images only when asked (``--adapt``); the card's ``adapt_batchnorm`` is a hint.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import itertools
 import json
@@ -27,11 +30,11 @@ from common.centres import load_centre, read_centre
 from common.imagecache import LoadedImages, load_images
 from common.metrics import confident_share
 from common.modelcard import ModelCard, load_exported_model
+from common.models import batchnorm_keys
 from common.progress import progress_bar
 from common.train import (
     adapt_batchnorm,
     evaluate_model,
-    images_on_device,
     predict_probabilities,
     prepare_model,
     resolve_device,
@@ -50,25 +53,47 @@ def decoding_cache(cache_dir: Path | None) -> Iterator[Path]:
         yield Path(temporary)
 
 
-def prepared(model: nn.Module, card: ModelCard, images: np.ndarray,
-             device_name: str) -> tuple[nn.Module, torch.Tensor, torch.device]:
-    """Model and images on the device; BatchNorm adapted to the images if the card asks."""
-    device = resolve_device(device_name)
-    model = prepare_model(model, device)
-    tensor = images_on_device(images, device)
-    if card.adapt_batchnorm:
-        adapt_batchnorm(model, tensor, device)
-    return model, tensor, device
+def check_adaptable(model: nn.Module, card: ModelCard, model_path: Path) -> None:
+    """Raise ValueError when ``--adapt`` is asked of a model without BatchNorm statistics."""
+    if not batchnorm_keys(model):
+        raise ValueError(f"--adapt: model {model_path} (norm {card.norm!r}) has no BatchNorm "
+                         "statistics to adapt")
+
+
+def adaptation_hint(card: ModelCard, adapt: bool) -> str | None:
+    """The line that says the card recommends ``--adapt`` when it was not given."""
+    if card.adapt_batchnorm and not adapt:
+        return ("hint: this model was validated after test-time BatchNorm adaptation (its "
+                "card recommends it); add --adapt to adapt its BatchNorm statistics to these "
+                "images first")
+    return None
+
+
+def scored(model: nn.Module, images: torch.Tensor, labels: np.ndarray, card: ModelCard,
+           device: torch.device) -> dict:
+    """Metrics of ``model`` on placed images at the card's temperature, with the coverage and
+    error rate at the card's ``uncertain`` threshold."""
+    metrics = evaluate_model(model, images, labels, card.classes, device,
+                             card.preprocessing.model_input(), card.temperature)
+    if card.threshold is not None:
+        histogram = metrics["confidence_histogram"]
+        metrics["uncertain"] = {"threshold": card.threshold, **confident_share(
+            histogram["correct"], histogram["wrong"], card.threshold)}
+    return metrics
 
 
 def evaluate_centre(model_path: Path, centre_path: Path, cache_dir: Path | None = None,
-                    device: str = "auto") -> dict:
+                    device: str = "auto", adapt: bool = False) -> dict:
     """Metrics of an exported model on the labelled centre of a centre TOML file.
 
-    ``common.metrics.classification_metrics`` plus loss, the centre, and the coverage and
-    error rate at the card's ``uncertain`` threshold.
+    ``common.metrics.classification_metrics`` at the card's temperature plus loss, the
+    centre, and the coverage and error rate at the card's ``uncertain`` threshold. With
+    ``adapt``, also ``bn_adapted``: the same after test-time BatchNorm adaptation on the
+    centre's (unlabelled) images, reported apart from the plain metrics.
     """
     model, card = load_exported_model(model_path)
+    if adapt:
+        check_adaptable(model, card, model_path)
     spec = read_centre(centre_path)
     if spec.taxonomy != card.taxonomy:
         raise ValueError(f"centre {spec.name!r} uses taxonomy {spec.taxonomy!r}, the model "
@@ -76,14 +101,18 @@ def evaluate_centre(model_path: Path, centre_path: Path, cache_dir: Path | None 
     with decoding_cache(cache_dir) as cache:
         data = load_centre(spec, card.preprocessing.image_size, cache,
                            mode=card.preprocessing.field_of_view)
-    model, images, torch_device = prepared(model, card, data.images, device)
-    metrics = evaluate_model(model, images, data.labels, card.classes, torch_device)
-    result = {"centre": spec.name, "model": str(model_path), **metrics}
-    if card.threshold is not None:
-        histogram = metrics["confidence_histogram"]
-        result["uncertain"] = {"threshold": card.threshold, **confident_share(
-            histogram["correct"], histogram["wrong"], card.threshold)}
-    return result
+    torch_device = resolve_device(device)
+    inputs = card.preprocessing.model_input()
+    model = prepare_model(model, torch_device)
+    images = inputs.place(data.images, torch_device)
+    result = {"centre": spec.name, "model": str(model_path), "temperature": card.temperature,
+              "stain_normalisation": inputs.stain_normalisation,
+              **scored(model, images, data.labels, card, torch_device)}
+    if adapt:
+        adapted = adapt_batchnorm(copy.deepcopy(model), images, torch_device, inputs)
+        result["bn_adapted"] = {"adapted_on": len(data),
+                                **scored(adapted, images, data.labels, card, torch_device)}
+    return {**result, "hint": adaptation_hint(card, adapt)}
 
 
 def image_files(folder: Path) -> Iterator[Path]:
@@ -107,17 +136,20 @@ def chunks(paths: Iterable[Path], size: int = CHUNK) -> Iterator[list[Path]]:
 
 def predict_folder(model_path: Path, images_dir: Path, out: Path,
                    cache_dir: Path | None = None, device: str = "auto",
-                   threshold: float | None = None) -> dict:
+                   threshold: float | None = None, adapt: bool = False) -> dict:
     """Write one CSV row per readable image file under ``images_dir`` (recursively).
 
     Columns: file (relative to ``images_dir``), predicted class, confidence, ``uncertain``
-    (confidence below the card's calibrated threshold, or ``threshold``) and one probability
-    per class. Unreadable files are listed in ``<out stem>.unreadable.txt`` and on stderr.
-    Files are decoded, predicted and written :data:`CHUNK` at a time, so memory does not grow
-    with the folder (a card that asks for BatchNorm adaptation reads the folder twice).
+    (confidence below the card's calibrated threshold, or ``threshold``), ``bn_adapted`` and
+    one probability per class, all at the card's temperature. Unreadable files are listed in
+    ``<out stem>.unreadable.txt`` and on stderr. Files are decoded, predicted and written
+    :data:`CHUNK` at a time, so memory does not grow with the folder. With ``adapt``, BatchNorm
+    statistics are first re-estimated on every readable image of the folder (read twice).
     Returns counts and the paths written.
     """
     model, card = load_exported_model(model_path)
+    if adapt:
+        check_adaptable(model, card, model_path)
     threshold = card.threshold if threshold is None else threshold
     if threshold is None:
         raise ValueError(f"model {model_path} has no calibrated uncertainty threshold; "
@@ -133,7 +165,8 @@ def predict_folder(model_path: Path, images_dir: Path, out: Path,
     unreadable_list = out.with_suffix(".unreadable.txt")
     torch_device = resolve_device(device)
     model = prepare_model(model, torch_device)
-    counts = {"predictions": 0, "uncertain": 0, "unreadable": 0}
+    inputs = card.preprocessing.model_input()
+    counts = {"predictions": 0, "uncertain": 0, "unreadable": 0, "adapted_on": 0}
     with decoding_cache(cache_dir) as cache, out.open("w", newline="") as table, \
             unreadable_list.open("w") as unreadable:
 
@@ -144,12 +177,16 @@ def predict_folder(model_path: Path, images_dir: Path, out: Path,
                                              card.preprocessing.field_of_view)
                     bar.update(len(chunk))
 
-        if card.adapt_batchnorm:
-            adapt_batchnorm(model, (images_on_device(loaded.images, torch_device)
-                                    for _, loaded in decoded("adapting BatchNorm")
-                                    if len(loaded.images)), torch_device)
+        if adapt:
+            def adaptation_set() -> Iterator[torch.Tensor]:
+                for _, loaded in decoded("adapting BatchNorm"):
+                    if len(loaded.images):
+                        counts["adapted_on"] += len(loaded.images)
+                        yield inputs.place(loaded.images, torch_device)
+
+            adapt_batchnorm(model, adaptation_set(), torch_device, inputs)
         writer = csv.writer(table)
-        writer.writerow(["file", "predicted", "confidence", "uncertain",
+        writer.writerow(["file", "predicted", "confidence", "uncertain", "bn_adapted",
                          *(f"p_{name}" for name in card.classes)])
         for chunk, loaded in decoded("predicting"):
             for path in loaded.unreadable:
@@ -159,37 +196,53 @@ def predict_folder(model_path: Path, images_dir: Path, out: Path,
             if not len(loaded.images):
                 continue
             probabilities = predict_probabilities(
-                model, images_on_device(loaded.images, torch_device), torch_device)
+                model, inputs.place(loaded.images, torch_device), torch_device, inputs,
+                card.temperature)
             confidence = probabilities.max(axis=1)
             for index, row, top in zip(loaded.readable, probabilities, confidence, strict=True):
                 writer.writerow([chunk[index].relative_to(images_dir).as_posix(),
                                  card.classes[int(row.argmax())], f"{top:.4f}",
-                                 top < threshold, *(f"{p:.4f}" for p in row)])
+                                 top < threshold, adapt, *(f"{p:.4f}" for p in row)])
             counts["predictions"] += len(probabilities)
             counts["uncertain"] += int(np.sum(confidence < threshold))
-    return {**counts, "threshold": threshold, "csv": str(out),
+    return {**counts, "threshold": threshold, "temperature": card.temperature,
+            "bn_adapted": adapt, "hint": adaptation_hint(card, adapt), "csv": str(out),
             "unreadable_list": str(unreadable_list)}
 
 
 def format_evaluation(result: dict) -> str:
-    """The result of :func:`evaluate_centre` as a short human-readable text."""
-    lines = [f"{result['model']} on centre {result['centre']} ({result['num_examples']} images)",
-             f"macro-F1 {result['macro_f1']:.3f}, balanced accuracy "
-             f"{result['balanced_accuracy']:.3f}, accuracy {result['accuracy']:.3f}, "
-             f"ECE {result['ece']:.3f}"]
-    if "uncertain" in result:
-        share = result["uncertain"]
+    """The result of :func:`evaluate_centre` as a short human-readable text: the plain
+    metrics, then, apart, those after BatchNorm adaptation (``--adapt``)."""
+    lines = [f"{result['model']} on centre {result['centre']} ({result['num_examples']} images, "
+             f"temperature {result['temperature']:.3g})", "", "plain (no adaptation):",
+             *_metric_lines(result)]
+    if "bn_adapted" in result:
+        adapted = result["bn_adapted"]
+        lines += ["", f"after test-time BatchNorm adaptation on the centre's "
+                      f"{adapted['adapted_on']} unlabelled images (--adapt):",
+                  *_metric_lines(adapted)]
+    if result.get("hint"):
+        lines += ["", result["hint"]]
+    return "\n".join(lines)
+
+
+def _metric_lines(metrics: dict) -> list[str]:
+    lines = [f"macro-F1 {metrics['macro_f1']:.3f}, balanced accuracy "
+             f"{metrics['balanced_accuracy']:.3f}, accuracy {metrics['accuracy']:.3f}, "
+             f"ECE {metrics['ece']:.3f}"]
+    if "uncertain" in metrics:
+        share = metrics["uncertain"]
         error = "n/a" if share["error_rate"] is None else f"{share['error_rate']:.3f}"
         lines.append(f"confidence >= {share['threshold']:.2f}: coverage "
                      f"{share['coverage']:.3f}, error rate {error}")
-    classes = list(result["per_class_f1"])
+    classes = list(metrics["per_class_f1"])
     width = max(map(len, classes))
-    lines += ["", f"{'class':<{width}}  F1     confusion (predicted: {' '.join(classes)})"]
-    for name, row in zip(classes, result["confusion_matrix"], strict=True):
-        f1 = result["per_class_f1"][name]
+    lines += [f"{'class':<{width}}  F1     confusion (predicted: {' '.join(classes)})"]
+    for name, row in zip(classes, metrics["confusion_matrix"], strict=True):
+        f1 = metrics["per_class_f1"][name]
         f1_text = "  n/a" if f1 is None else f"{f1:.3f}"
         lines.append(f"{name:<{width}}  {f1_text}  {' '.join(f'{c:>5}' for c in row)}")
-    return "\n".join(lines)
+    return lines
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -198,25 +251,33 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="keep decoded images here (default: a temporary folder)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument("--adapt", action="store_true",
+                        help="first re-estimate BatchNorm statistics on these images "
+                             "(unlabelled; test-time adaptation), reported as such")
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    result = evaluate_centre(args.model, args.centre, args.cache_dir, args.device)
+    result = evaluate_centre(args.model, args.centre, args.cache_dir, args.device, args.adapt)
     print(json.dumps(result, indent=2) if args.json else format_evaluation(result))
     return 0
 
 
 def _run_predict(args: argparse.Namespace) -> int:
     summary = predict_folder(args.model, args.images, args.out, args.cache_dir, args.device,
-                             args.threshold)
+                             args.threshold, args.adapt)
+    adapted = (f"BatchNorm statistics adapted on the folder's {summary['adapted_on']} images "
+               "(--adapt)" if summary["bn_adapted"] else "no BatchNorm adaptation")
     print(f"{summary['predictions']} predictions ({summary['uncertain']} uncertain at "
-          f"confidence < {summary['threshold']:.2f}) in {summary['csv']}; "
+          f"confidence < {summary['threshold']:.2f}; temperature "
+          f"{summary['temperature']:.3g}; {adapted}) in {summary['csv']}; "
           f"{summary['unreadable']} unreadable files listed in {summary['unreadable_list']}")
+    if summary.get("hint"):
+        print(summary["hint"])
     return 0
 
 
 def register_evaluate_command(parser: argparse.ArgumentParser) -> None:
-    """``cytofed evaluate --model MODEL --centre CENTRE.toml [--json]``."""
+    """``cytofed evaluate --model MODEL --centre CENTRE.toml [--adapt] [--json]``."""
     parser.description = "Metrics of an exported model on a labelled centre."
     _add_common_arguments(parser)
     parser.add_argument("--centre", type=Path, required=True, help="the centre's TOML file")
@@ -225,7 +286,8 @@ def register_evaluate_command(parser: argparse.ArgumentParser) -> None:
 
 
 def register_predict_command(parser: argparse.ArgumentParser) -> None:
-    """``cytofed predict --model MODEL --images DIR --out preds.csv [--threshold T]``."""
+    """``cytofed predict --model MODEL --images DIR --out preds.csv [--threshold T]
+    [--adapt]``."""
     parser.description = "Predict the class of every image file in a folder (recursively)."
     _add_common_arguments(parser)
     parser.add_argument("--images", type=Path, required=True, help="folder of image files")

@@ -3,15 +3,18 @@
 The card holds everything needed to rebuild and apply the model without Flower and without
 the training config: the taxonomy's classes, the backbone and its normalisation layers, the
 preprocessing (see ``common.imagecache``: square padding with the border's median colour,
-Lanczos resize, full image or cell-centred crop; then ImageNet mean/std), the training and
-held-out centres, the held-out metrics and the ``uncertain`` threshold calibrated on the
-training sites' validation data (see ``common.metrics.uncertainty_threshold``).
+Lanczos resize, full image or cell-centred crop; then the stain normalisation and the
+backbone's mean/std, see ``common.model_input``), the temperature that divides the logits
+(federated temperature scaling, ``common.calibration``), the training and held-out centres,
+the held-out metrics and the ``uncertain`` threshold calibrated on the training sites'
+validation data at that temperature (see ``common.metrics.uncertainty_threshold``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -20,6 +23,7 @@ from torch import nn
 
 from common.augment import IMAGENET_MEAN, IMAGENET_STD
 from common.imagecache import CACHE_VERSION, MODES
+from common.model_input import ModelInput
 from common.models import create_model
 from common.weights import load_state, load_weights
 
@@ -30,19 +34,26 @@ MAX_CARD_BYTES = 1 << 20
 MAX_WEIGHTS_BYTES = 2 << 30
 MAX_CLASSES = 1000
 MAX_IMAGE_SIZE = 1024
+MAX_TEMPERATURE = 100.0
 PADDING = "pad to a square with the median colour of the image border, then Lanczos resize"
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an image file becomes the model's input."""
+    """How an image file becomes the model's input (cards written before ``mean``/``std``
+    followed the backbone and before ``stain_normalisation`` mean ImageNet's and none)."""
 
     image_size: int
     field_of_view: str = "full"  # one of common.imagecache.MODES
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    stain_normalisation: str = "none"  # common.model_input.STAIN_NORMALISATIONS
     padding: str = PADDING
     decoder_version: int = CACHE_VERSION  # common.imagecache.CACHE_VERSION it was trained with
+
+    def model_input(self) -> ModelInput:
+        """What the decoded images go through before the model (``common.model_input``)."""
+        return ModelInput(self.mean, self.std, self.stain_normalisation)
 
 
 @dataclass(frozen=True)
@@ -50,10 +61,13 @@ class ModelCard:
     """What an exported model is, how it was trained and how it should be applied.
 
     ``weights`` is the safetensors file, relative to the card and inside its folder.
-    ``adapt_batchnorm`` (FedBN, ``test-time-bn``) asks for BatchNorm statistics to be
-    re-estimated on the images before predicting. ``logit_scale`` multiplies the classifier's
-    logits, as in training (LDAM's s; see ``common.models.ScaledClassifier``). ``uncertainty``
-    is the output of ``common.metrics.uncertainty_threshold`` or None.
+    ``adapt_batchnorm`` (FedBN, ``test-time-bn``) recommends re-estimating BatchNorm
+    statistics on the scored images (``cytofed predict/evaluate --adapt``; never done
+    unasked). ``logit_scale`` multiplies the classifier's logits, as in training (LDAM's s;
+    see ``common.models.ScaledClassifier``); every probability is ``softmax(logits /
+    temperature)``. ``held_out_metrics`` are plain, ``held_out_metrics_bn_adapted`` after
+    adaptation (None when not measured). ``uncertainty`` is the output of
+    ``common.metrics.uncertainty_threshold`` at ``temperature``, or None.
     """
 
     classes: tuple[str, ...]
@@ -64,9 +78,11 @@ class ModelCard:
     weights: str = "best.safetensors"
     adapt_batchnorm: bool = False
     logit_scale: float = 1.0
+    temperature: float = 1.0
     training_centres: tuple[str, ...] = ()
     held_out_centre: str | None = None
     held_out_metrics: dict[str, Any] = field(default_factory=dict)
+    held_out_metrics_bn_adapted: dict[str, Any] | None = None
     uncertainty: dict[str, Any] | None = None
     training: dict[str, Any] = field(default_factory=dict)  # strategy, loss, rounds, round used
 
@@ -96,6 +112,10 @@ class ModelCard:
             raise ValueError(f"model card is missing or has an unknown field: {error}") from error
         if preprocessing.field_of_view not in MODES:
             raise ValueError(f"model card: unknown field of view {preprocessing.field_of_view!r}")
+        try:
+            preprocessing.model_input()
+        except ValueError as error:
+            raise ValueError(f"model card field 'preprocessing': {error}") from error
         _check_bounds(card)
         return card
 
@@ -108,6 +128,11 @@ def _check_bounds(card: ModelCard) -> None:
     if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_IMAGE_SIZE:
         raise ValueError(f"model card field 'preprocessing.image_size': expected an integer "
                          f"from 1 to {MAX_IMAGE_SIZE}, got {size!r}")
+    temperature = card.temperature
+    if (isinstance(temperature, bool) or not isinstance(temperature, int | float)
+            or not math.isfinite(temperature) or not 0 < temperature <= MAX_TEMPERATURE):
+        raise ValueError(f"model card field 'temperature': expected a number in (0, "
+                         f"{MAX_TEMPERATURE:g}], got {temperature!r}")
     relative = PurePosixPath(weights) if isinstance(weights, str) and weights else None
     if relative is None or relative.is_absolute() or ".." in relative.parts:
         raise ValueError(f"model card field 'weights': expected a file name inside the card's "
@@ -190,12 +215,10 @@ def load_exported_model(path: Path) -> tuple[nn.Module, ModelCard]:
     path = Path(path)
     weights = path if path.suffix == ".safetensors" else weights_path(card_path, card)
     steps = card.preprocessing
-    if (steps.decoder_version, steps.mean, steps.std) != (CACHE_VERSION, IMAGENET_MEAN,
-                                                          IMAGENET_STD):
-        raise ValueError(f"{card_path}: trained with image decoder v{steps.decoder_version} "
-                         f"and mean/std {steps.mean}/{steps.std}; this version decodes as "
-                         f"v{CACHE_VERSION} and normalises with ImageNet's, so predictions "
-                         "would not match training")
+    if steps.decoder_version != CACHE_VERSION:
+        raise ValueError(f"{card_path}: trained with image decoder v{steps.decoder_version}; "
+                         f"this version decodes as v{CACHE_VERSION}, so predictions would not "
+                         "match training")
     if weights.is_file():
         _check_size(weights, MAX_WEIGHTS_BYTES, "weights file")
     model = create_model(card.backbone, len(card.classes), pretrained="", norm=card.norm,

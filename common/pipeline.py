@@ -13,16 +13,18 @@ import torch
 from torch import nn
 
 from common.augment import build_augmenter
+from common.calibration import NllCurve, nll_curve
 from common.config import RunConfig
 from common.data import CentreData, CentreSpec, split_indices
 from common.losses import create_loss, logit_scale
 from common.methods import create_method
+from common.model_input import ModelInput
 from common.models import batchnorm_keys, create_model
 from common.train import (
     TrainSettings,
     adapt_batchnorm,
     evaluate_model,
-    images_on_device,
+    predict_logits,
     prepare_model,
     resolve_device,
     train_local,
@@ -62,6 +64,18 @@ def new_model(config: RunConfig, num_classes: int) -> nn.Module:
                         logit_scale=logit_scale(config.loss))
 
 
+def model_input(config: RunConfig) -> ModelInput:
+    """How the run's images become its model's input: the configured stain normalisation,
+    then the backbone's own mean/std (see ``common.model_input``)."""
+    return ModelInput.for_backbone(config.model, config.stain_normalise)
+
+
+def place(data: CentreData, config: RunConfig) -> torch.Tensor:
+    """``data``'s images placed for the run's model (``ModelInput.place``): what every
+    ``images`` argument below holds."""
+    return model_input(config).place(data.images, resolve_device(config.device))
+
+
 def round_seed(run_seed: int, server_round: int, site: str) -> int:
     """The seed of ``site``'s local training in ``server_round``: every site and round draws
     its own batches and augmentations, the same ones when the run is repeated."""
@@ -74,8 +88,8 @@ def fit(model: nn.Module, data: CentreData, config: RunConfig, class_counts: np.
     """Train ``model`` in place on ``data`` for ``config.local_epochs`` epochs, with the
     settings the run's method gives a local fit (see ``common.methods``).
 
-    ``images``: ``data.images`` already placed by ``images_on_device`` (uploaded once by a
-    caller that trains on the same data again); placed here when None.
+    ``images``: ``data`` already placed by :func:`place` (once, by a caller that trains on
+    the same data again); placed here when None.
     """
     device = resolve_device(config.device)
     settings = create_method(config).local_settings(TrainSettings(
@@ -84,24 +98,26 @@ def fit(model: nn.Module, data: CentreData, config: RunConfig, class_counts: np.
         compile=config.compile))
     loss_fn = create_loss(config.loss, class_counts, progress=min(max(progress, 0.0), 1.0))
     model = prepare_model(model, device)
-    return train_local(model, _placed(data, images, device), data.labels, loss_fn,
-                       settings, build_augmenter(config.augment), device)
+    inputs = model_input(config)
+    augmenter = build_augmenter(config.augment, mean=inputs.mean, std=inputs.std)
+    return train_local(model, _placed(data, images, config), data.labels, loss_fn,
+                       settings, augmenter, device)
 
 
 def score(model: nn.Module, data: CentreData, config: RunConfig,
-          images: torch.Tensor | None = None) -> dict:
-    """Held-out style metrics of ``model`` on a labelled centre (see ``classification_metrics``);
-    ``images`` as in :func:`fit`."""
+          images: torch.Tensor | None = None, temperature: float = 1.0) -> dict:
+    """Held-out style metrics of ``model`` on a labelled centre at ``temperature`` (see
+    ``common.train.logit_metrics``); ``images`` as in :func:`fit`."""
     device = resolve_device(config.device)
     model = prepare_model(model, device)
-    return evaluate_model(model, _placed(data, images, device), data.labels, data.classes,
-                          device)
+    return evaluate_model(model, _placed(data, images, config), data.labels, data.classes,
+                          device, model_input(config), temperature)
 
 
-def _placed(data: CentreData, images: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """``images`` if given (checked against ``data``), else ``data.images`` placed now."""
+def _placed(data: CentreData, images: torch.Tensor | None, config: RunConfig) -> torch.Tensor:
+    """``images`` if given (checked against ``data``), else ``data`` placed now."""
     if images is None:
-        return images_on_device(data.images, device)
+        return place(data, config)
     if tuple(images.shape) != data.images.shape:
         raise ValueError(f"centre {data.name!r}: placed images have shape "
                          f"{tuple(images.shape)}, the data {data.images.shape}")
@@ -115,35 +131,58 @@ def uses_test_time_bn(config: RunConfig) -> bool:
 
 
 def adapted_copy(model: nn.Module, images: torch.Tensor, config: RunConfig) -> nn.Module:
-    """A copy of ``model`` with BatchNorm statistics re-estimated on ``images`` (unlabelled)."""
+    """A copy of ``model`` with BatchNorm statistics re-estimated on placed ``images``
+    (unlabelled)."""
     device = resolve_device(config.device)
-    return adapt_batchnorm(prepare_model(copy.deepcopy(model), device), images, device)
+    return adapt_batchnorm(prepare_model(copy.deepcopy(model), device), images, device,
+                           model_input(config))
+
+
+def as_applied(model: nn.Module, images: torch.Tensor, config: RunConfig) -> nn.Module:
+    """``model`` as the run applies it to ``images``: an adapted copy when the run adapts
+    BatchNorm at test time (see :func:`uses_test_time_bn`), else ``model`` itself."""
+    if uses_test_time_bn(config) and batchnorm_keys(model):
+        return adapted_copy(model, images, config)
+    return model
 
 
 def score_held_out(model: nn.Module, data: CentreData, config: RunConfig,
-                   images: torch.Tensor | None = None) -> dict[str, dict | None]:
+                   images: torch.Tensor | None = None,
+                   temperature: float = 1.0) -> dict[str, dict | None]:
     """Plain metrics of ``model`` on the held-out centre and, reported separately, those after
     test-time BatchNorm adaptation on the centre's unlabelled images (None when not configured
-    or the model has no BatchNorm).
+    or the model has no BatchNorm), both at ``temperature``.
 
     Returns ``{"held_out": ..., "held_out_bn_adapted": ...}``; ``model`` is left unchanged;
     ``images`` as in :func:`fit`.
     """
-    images = _placed(data, images, resolve_device(config.device))
+    images = _placed(data, images, config)
     adapted = None
     if uses_test_time_bn(config) and batchnorm_keys(model):
-        adapted = score(adapted_copy(model, images, config), data, config, images)
-    return {"held_out": score(model, data, config, images), "held_out_bn_adapted": adapted}
+        adapted = score(adapted_copy(model, images, config), data, config, images, temperature)
+    return {"held_out": score(model, data, config, images, temperature),
+            "held_out_bn_adapted": adapted}
 
 
 def score_as_applied(model: nn.Module, data: CentreData, config: RunConfig,
-                     images: torch.Tensor | None = None) -> dict | None:
-    """Metrics of ``model`` on a site's split as the exported model is applied (after
-    BatchNorm adaptation on the split's images when the run adapts); None for an empty split.
-    ``model`` is left unchanged; ``images`` as in :func:`fit`."""
+                     images: torch.Tensor | None = None,
+                     temperature: float = 1.0) -> dict | None:
+    """Metrics of ``model`` on a site's split at ``temperature`` as the exported model is
+    applied (:func:`as_applied`); None for an empty split. ``model`` is left unchanged;
+    ``images`` as in :func:`fit`."""
     if len(data) == 0:
         return None
-    images = _placed(data, images, resolve_device(config.device))
-    if uses_test_time_bn(config) and batchnorm_keys(model):
-        model = adapted_copy(model, images, config)
-    return score(model, data, config, images)
+    images = _placed(data, images, config)
+    return score(as_applied(model, images, config), data, config, images, temperature)
+
+
+def temperature_curve(model: nn.Module, data: CentreData, config: RunConfig,
+                      images: torch.Tensor | None = None) -> NllCurve | None:
+    """The summed NLL of ``model``'s logits on a site's split (as applied) at every grid
+    temperature (``common.calibration.nll_curve``); None for an empty split."""
+    if len(data) == 0:
+        return None
+    images = _placed(data, images, config)
+    device = resolve_device(config.device)
+    model = prepare_model(as_applied(model, images, config), device)
+    return nll_curve(predict_logits(model, images, device, model_input(config)), data.labels)

@@ -6,13 +6,18 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from common.augment import Augmenter, to_model_input
+from common.augment import Augmenter
+from common.calibration import apply_temperature, log_softmax
 from common.metrics import classification_metrics
+
+if TYPE_CHECKING:
+    from common.model_input import ModelInput
 
 # Fraction of free accelerator memory the uint8 image tensor may take before it is streamed.
 DEVICE_MEMORY_SHARE = 0.5
@@ -41,7 +46,11 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def images_on_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 images on ``device`` when they fit, else in pinned host memory (streamed per batch)."""
+    """uint8 images on ``device`` when they fit, else in pinned host memory (streamed per batch).
+
+    On the CPU the tensor shares ``images``' memory. Runs place images through
+    ``common.model_input.ModelInput.place``, which stain-normalises them too.
+    """
     tensor = torch.from_numpy(np.ascontiguousarray(images))
     if device.type != "cuda":
         return tensor
@@ -100,9 +109,9 @@ def train_local(model: nn.Module, images: torch.Tensor, labels: np.ndarray, loss
                 on_epoch: Callable[[int, float], None] | None = None) -> dict[str, float]:
     """Train ``model`` in place for ``settings.epochs`` epochs; returns mean loss and throughput.
 
-    ``images`` comes from :func:`images_on_device`. With ``proximal_mu > 0`` the FedProx term
-    ``mu/2 * ||w - w_start||^2`` keeps the weights near those the call started from. The host
-    waits for the device once per epoch (the loss), never per step.
+    ``images`` are placed (``common.model_input.ModelInput.place``). With ``proximal_mu > 0``
+    the FedProx term ``mu/2 * ||w - w_start||^2`` keeps the weights near those the call
+    started from. The host waits for the device once per epoch (the loss), never per step.
     """
     model.train()
     network = prepare_model(model, device, settings.compile)
@@ -143,37 +152,57 @@ def train_local(model: nn.Module, images: torch.Tensor, labels: np.ndarray, loss
 
 
 @torch.no_grad()
-def predict_probabilities(model: nn.Module, images: torch.Tensor, device: torch.device,
-                          batch_size: int = 256) -> np.ndarray:
-    """Softmax probabilities (N, C) of ``model`` in eval mode on uint8 images (N, H, W, 3)."""
+def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device,
+                   inputs: ModelInput, batch_size: int = 256) -> np.ndarray:
+    """Logits (N, C) of ``model`` in eval mode on placed uint8 images (N, H, W, 3) (see
+    ``common.model_input``)."""
     model.eval()
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size].to(device, non_blocking=True)
         with _autocast(device):
-            logits = model(to_model_input(batch))
-        outputs.append(torch.softmax(logits.float(), dim=1).cpu())
+            logits = model(inputs.normalise(batch))
+        outputs.append(logits.float().cpu())
     if not outputs:
         raise ValueError("cannot predict on an empty image set")
     return torch.cat(outputs).numpy()
 
 
-def evaluate_model(model: nn.Module, images: torch.Tensor, labels: np.ndarray,
-                   classes: Sequence[str], device: torch.device,
-                   batch_size: int = 256) -> dict:
-    """:func:`common.metrics.classification_metrics` of ``model`` on labelled images, plus loss."""
-    probabilities = predict_probabilities(model, images, device, batch_size)
-    metrics = classification_metrics(labels, probabilities, classes)
-    picked = probabilities[np.arange(len(labels)), labels]
-    metrics["loss"] = float(-np.mean(np.log(np.clip(picked, 1e-12, 1.0))))
+def predict_probabilities(model: nn.Module, images: torch.Tensor, device: torch.device,
+                          inputs: ModelInput, temperature: float = 1.0,
+                          batch_size: int = 256) -> np.ndarray:
+    """Softmax probabilities (N, C) of ``model``'s logits divided by ``temperature``."""
+    return apply_temperature(predict_logits(model, images, device, inputs, batch_size),
+                             temperature)
+
+
+def logit_metrics(logits: np.ndarray, labels: np.ndarray, classes: Sequence[str],
+                  temperature: float = 1.0) -> dict:
+    """:func:`common.metrics.classification_metrics` of ``softmax(logits / temperature)``,
+    plus the mean negative log-likelihood (``loss``)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    log_probabilities = log_softmax(np.asarray(logits, dtype=np.float64) / temperature)
+    metrics = classification_metrics(labels, np.exp(log_probabilities), classes)
+    picked = log_probabilities[np.arange(len(labels)), np.asarray(labels, dtype=np.int64)]
+    metrics["loss"] = float(-np.mean(picked))
     return metrics
+
+
+def evaluate_model(model: nn.Module, images: torch.Tensor, labels: np.ndarray,
+                   classes: Sequence[str], device: torch.device, inputs: ModelInput,
+                   temperature: float = 1.0, batch_size: int = 256) -> dict:
+    """:func:`logit_metrics` of ``model`` on labelled placed images."""
+    return logit_metrics(predict_logits(model, images, device, inputs, batch_size), labels,
+                         classes, temperature)
 
 
 @torch.no_grad()
 def adapt_batchnorm(model: nn.Module, images: torch.Tensor | Iterable[torch.Tensor],
-                    device: torch.device, batch_size: int = 64) -> nn.Module:
-    """Test-time BatchNorm adaptation: re-estimate running statistics on unlabelled images
-    (one tensor, or an iterable of tensors for a set too large to hold at once)."""
+                    device: torch.device, inputs: ModelInput,
+                    batch_size: int = 64) -> nn.Module:
+    """Test-time BatchNorm adaptation: re-estimate running statistics on unlabelled placed
+    images (one tensor, or an iterable of tensors for a set too large to hold at once)."""
     from common.models import is_batchnorm
 
     norms = [m for m in model.modules() if is_batchnorm(m)]
@@ -183,6 +212,7 @@ def adapt_batchnorm(model: nn.Module, images: torch.Tensor | Iterable[torch.Tens
     model.train()
     for chunk in [images] if isinstance(images, torch.Tensor) else images:
         for start in range(0, len(chunk), batch_size):
-            model(to_model_input(chunk[start:start + batch_size].to(device, non_blocking=True)))
+            model(inputs.normalise(chunk[start:start + batch_size].to(device,
+                                                                     non_blocking=True)))
     model.eval()
     return model

@@ -22,7 +22,8 @@ from common.methods import create_method
 from common.pipeline import new_model
 from common.privacy import untrained_keys
 from common.weights import model_state
-from server.federation import RoundResult, exchange, run_rounds, score_test_splits
+from server.calibration import end_of_run
+from server.federation import RoundResult, exchange, run_rounds
 from server.held_out import open_held_out
 from server.privacy import LEDGER_FILE, PrivacyLedger, private_updates
 from server.production import refuse_synthetic_in_production
@@ -59,8 +60,9 @@ def main(grid: Grid, context: Context) -> None:
     def global_model(arrays: ArrayRecord) -> ArrayRecord:
         return state_to_record(method.global_model(record_to_state(arrays)))
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> dict[str, dict | None]:
-        return held_out.evaluate(server_round, model, arrays)
+    def evaluate(server_round: int, arrays: ArrayRecord,
+                 temperature: float = 1.0) -> dict[str, dict | None]:
+        return held_out.evaluate(server_round, model, arrays, temperature)
 
     def finish_round(result: RoundResult, arrays: ArrayRecord, exported: ArrayRecord) -> None:
         record = {**result.to_dict(), **({"privacy": dp.round_privacy()} if dp else {})}
@@ -74,9 +76,10 @@ def main(grid: Grid, context: Context) -> None:
     final = run_rounds(dp or strategy, grid, state_to_record(state), recorder.completed + 1,
                        config.num_server_rounds, train_config, global_model, evaluate,
                        finish_round, config.round_timeout)
-    tests = score_test_splits(dp or strategy, grid, state_to_record(recorder.best_state()),
-                              config.num_server_rounds, config.round_timeout)
-    recorder.finish(record_to_state(global_model(final)), tests,
+    best = state_to_record(recorder.best_state())
+    end = end_of_run(dp or strategy, grid, best, config.num_server_rounds, config.round_timeout,
+                     lambda temperature: evaluate(recorder.best_round, best, temperature))
+    recorder.finish(record_to_state(global_model(final)), end,
                     {"privacy": dp.privacy_report()} if dp else None)
 
 

@@ -12,8 +12,10 @@ from common.weights import load_state
 
 
 def evaluate_held_out(model: nn.Module, state: dict, held_out: CentreData, config: RunConfig,
-                      images: torch.Tensor | None = None) -> dict[str, dict | None]:
-    """Metrics of the global weights ``state`` on every image of the held-out centre.
+                      images: torch.Tensor | None = None,
+                      temperature: float = 1.0) -> dict[str, dict | None]:
+    """Metrics of the global weights ``state`` at ``temperature`` on every image of the
+    held-out centre.
 
     ``state`` is loaded into ``model``, the server's evaluation model (every tensor replaced);
     ``images`` are the centre's images placed once for the run (placed per call when None).
@@ -21,4 +23,4 @@ def evaluate_held_out(model: nn.Module, state: dict, held_out: CentreData, confi
     or None}`` (see :func:`common.pipeline.score_held_out`).
     """
     load_state(model, state)
-    return score_held_out(model, held_out, config, images)
+    return score_held_out(model, held_out, config, images, temperature)

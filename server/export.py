@@ -1,8 +1,11 @@
 """The run's exported model: ``model_card.json`` describing ``best.safetensors``.
 
-The ``uncertain`` threshold is calibrated on the best round's pooled validation confidence
-histograms of the training sites (shares per bin, sent by each site's evaluate handler), never
-on held-out labels: see ``common.metrics.uncertainty_threshold``.
+Its temperature is the one the training sites' validation NLL curves picked at the end of the
+run (report.json's ``calibration``), and the ``uncertain`` threshold is calibrated on the
+sites' pooled validation confidence histograms at that temperature (shares per bin, sent by
+each site's evaluate handler), never on held-out labels: see
+``common.metrics.uncertainty_threshold``. Its input normalisation is the run's
+(``common.pipeline.model_input``: the stain normalisation, the backbone's mean/std).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from pathlib import Path
 
 from common.losses import logit_scale
 from common.metrics import confident_share, uncertainty_threshold
+from common.model_input import ModelInput
 from common.modelcard import CARD_FILE, ModelCard, Preprocessing, write_model_card
 
 WEIGHTS_FILE = "best.safetensors"
@@ -27,25 +31,31 @@ def applied_held_out(result: dict) -> dict:
 def model_card(report: dict, taxonomy: str) -> ModelCard:
     """The card of the best round's weights of a run report (see ``server.recorder``)."""
     config = report["config"]
-    best = next(r for r in report["rounds"] if r["round"] == report["best"]["round"])
-    validation = best["validation"]
+    best, calibration = report["best"], report["calibration"]
+    validation = calibration["validation"]
     uncertainty = None
     if "val_correct_by_confidence" in validation:
         uncertainty = {**uncertainty_threshold(validation["val_correct_by_confidence"],
                                                validation["val_wrong_by_confidence"]),
                        "calibrated_on": "the training sites' validation splits after round "
-                                        f"{best['round']}"}
-    held_out = applied_held_out(best)
+                                        f"{best['round']}, at temperature "
+                                        f"{calibration['temperature']:.3g}"}
+    inputs = ModelInput.for_backbone(config["model"], config.get("stain-normalise", "none"))
+    adapted = best.get("held_out_bn_adapted")
     return ModelCard(
         classes=tuple(report["classes"]), taxonomy=taxonomy, backbone=config["model"],
         norm=config["norm"],
         preprocessing=Preprocessing(image_size=config["image-size"],
-                                    field_of_view=config["field-of-view"]),
-        weights=WEIGHTS_FILE, adapt_batchnorm=best.get("held_out_bn_adapted") is not None,
-        logit_scale=logit_scale(config["loss"]),
+                                    field_of_view=config["field-of-view"], mean=inputs.mean,
+                                    std=inputs.std,
+                                    stain_normalisation=inputs.stain_normalisation),
+        weights=WEIGHTS_FILE, adapt_batchnorm=adapted is not None,
+        logit_scale=logit_scale(config["loss"]), temperature=calibration["temperature"],
         training_centres=tuple(report["training_centres"]),
         held_out_centre=report["held_out_centre"],
-        held_out_metrics={key: held_out[key] for key in HELD_OUT_KEYS},
+        held_out_metrics={key: best["held_out"][key] for key in HELD_OUT_KEYS},
+        held_out_metrics_bn_adapted=(None if adapted is None
+                                     else {key: adapted[key] for key in HELD_OUT_KEYS}),
         uncertainty=uncertainty,
         training={"strategy": config["strategy"], "loss": config["loss"],
                   "rounds": config["num-server-rounds"], "round": best["round"],

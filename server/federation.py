@@ -3,8 +3,7 @@
 Flower's ``Strategy.start`` always begins at round 1; this loop drives the same strategy
 methods from any round so that a restarted ServerApp resumes after the last completed one,
 and it records who was sampled, who answered, who failed and whose update was rejected. After
-the last round :func:`score_test_splits` has every site score the selected model on its test
-split.
+the last round ``server.calibration`` scores the selected model at the sites.
 """
 
 from __future__ import annotations
@@ -123,17 +122,6 @@ def run_rounds(strategy: MethodStrategy | PrivateUpdates, grid: Grid, arrays: Ar
             held_out_seconds=finished - held_out_started)
         on_round_end(result, arrays, exported)
     return arrays
-
-
-def score_test_splits(strategy: MethodStrategy | PrivateUpdates, grid: Grid,
-                      arrays: ArrayRecord, server_round: int, timeout: float) -> list[dict]:
-    """Each answering site's report on its test split for the weights ``arrays`` (aggregate
-    counts only, see ``common.selection.site_report``), with its centre's name."""
-    messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord({"split": "test"}),
-                                           grid)
-    return [{"centre": m.content.config_records.get("site", {}).get("centre", "?"),
-             **dict(m.content["metrics"])}
-            for m in exchange(grid, messages, timeout) if not m.has_error()]
 
 
 def _plain(record: MetricRecord | None) -> dict[str, float]:

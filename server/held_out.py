@@ -23,8 +23,8 @@ from common.config import ConfigError, RunConfig
 from common.data import CentreSpec
 from common.duplicates import load_held_out
 from common.evaluator_protocol import EVALUATOR, HELD_OUT_MESSAGE, ROLE_QUERY, decode_held_out
+from common.pipeline import place
 from common.taxonomy import TAXONOMIES
-from common.train import images_on_device, resolve_device
 from server.evaluation import evaluate_held_out
 from server.federation import exchange
 from server.production import is_simulation
@@ -43,12 +43,12 @@ class ServerHeldOut:
         self.config, self.training_grid = config, grid
         self.data = load_held_out(spec, training, config)  # without images training has too
         self.classes, self.stats = self.data.classes, self.data.stats
-        self.images = images_on_device(self.data.images, resolve_device(config.device))
+        self.images = place(self.data, config)
 
-    def evaluate(self, server_round: int, model: nn.Module,
-                 arrays: ArrayRecord) -> dict[str, dict | None]:
+    def evaluate(self, server_round: int, model: nn.Module, arrays: ArrayRecord,
+                 temperature: float = 1.0) -> dict[str, dict | None]:
         return evaluate_held_out(model, record_to_state(arrays), self.data, self.config,
-                                 self.images)
+                                 self.images, temperature)
 
 
 class SiteHeldOut:
@@ -65,9 +65,10 @@ class SiteHeldOut:
         self.node_id, evaluators = find_evaluator(grid, config)
         self.training_grid = TrainingSitesGrid(grid, evaluators)
 
-    def evaluate(self, server_round: int, model: nn.Module,
-                 arrays: ArrayRecord) -> dict[str, dict | None]:
-        """The evaluator's metrics of ``arrays``, asked again until ``round-timeout`` passes.
+    def evaluate(self, server_round: int, model: nn.Module, arrays: ArrayRecord,
+                 temperature: float = 1.0) -> dict[str, dict | None]:
+        """The evaluator's metrics of ``arrays`` at ``temperature``, asked again until
+        ``round-timeout`` passes.
 
         Raises RuntimeError when no valid answer came: the round is not recorded, and the
         same `flwr run` started again resumes after the last completed round.
@@ -75,8 +76,8 @@ class SiteHeldOut:
         deadline = time.monotonic() + self.config.round_timeout
         while True:
             message = Message(RecordDict({"arrays": arrays, "config": ConfigRecord(
-                {"server-round": server_round})}), dst_node_id=self.node_id,
-                message_type=HELD_OUT_MESSAGE)
+                {"server-round": server_round, "temperature": temperature})}),
+                dst_node_id=self.node_id, message_type=HELD_OUT_MESSAGE)
             replies = exchange(self.grid, [message], max(deadline - time.monotonic(), 1.0))
             try:
                 return held_out_metrics(replies, self.classes)

@@ -60,6 +60,7 @@ NOT_COVERED = ("BatchNorm running statistics (averaged over the accepted sites i
                "training and validation metrics, example counts, update sizes and timings",
                "class counts of the sites whose centre shares them",
                "the sites' validation confidence histograms",
+               "the sites' validation NLL curves over the temperature grid",
                "which sites answered, failed or were rejected")
 
 

@@ -4,9 +4,11 @@ A federated ServerApp (``server.app``) and a centralised reference (``simulation
 ``pooled``, ``local``) hand each completed round to one :class:`RunRecorder`, which prints the
 round's progress line, checkpoints it (a restarted run resumes after it), keeps
 ``best.safetensors`` at the round :func:`common.selection.best_round` picks, and at the end
-writes ``final.safetensors``, ``model_card.json`` and the report, with the selected model's
-in-distribution test results (the training sites' test splits, aggregate counts only) beside
-the held-out ones. No Flower import: a centralised run records through it too.
+writes ``final.safetensors``, ``model_card.json`` and the report from the :class:`EndOfRun`:
+the selected model at the temperature picked from the training sites' validation NLL curves
+(federated temperature scaling), its in-distribution test results (the training sites' test
+splits, aggregate counts only) and its held-out results at that temperature. No Flower
+import: a centralised run records through it too.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from common import selection
+from common.calibration import TEMPERATURES, NllCurve, pooled_nll
 from common.config import RunConfig
 from common.metrics import confusion_metrics
 from common.weights import load_weights, save_weights
@@ -26,6 +29,9 @@ from server.report import write_report
 from server.rundir import RunDirectory
 
 BEST_FILE, FINAL_FILE = "best.safetensors", "final.safetensors"
+TEMPERATURE_SELECTED_BY = (f"the training sites' validation NLL summed over {len(TEMPERATURES)} "
+                           f"temperatures from {TEMPERATURES[0]:g} to {TEMPERATURES[-1]:g} "
+                           "(federated temperature scaling)")
 
 
 @dataclass
@@ -49,6 +55,38 @@ class RoundResult:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+@dataclass
+class EndOfRun:
+    """The selected model at temperature ``temperature``: what the run exports and reports.
+
+    ``curves``: each training centre's validation NLL curve (by centre; ``temperature`` is
+    their pooled optimum, 1 without any); ``validation`` and ``test``: the training sites'
+    ``common.selection.site_report``s at ``temperature``, each with its ``centre``;
+    ``held_out``: ``common.pipeline.score_held_out`` at ``temperature``; ``left_out``: sites
+    whose curve was not used, and why.
+    """
+
+    temperature: float
+    curves: dict[str, NllCurve]
+    validation: list[dict]
+    test: list[dict]
+    held_out: dict[str, dict | None]
+    left_out: list[dict] = field(default_factory=list)
+
+
+def calibration_entry(end: EndOfRun, best: dict) -> dict:
+    """report.json's ``calibration``: the temperature, who chose it, the pooled validation NLL
+    at it and at 1 (the selected round's), and the pooled validation report at it."""
+    usable = selection.usable_reports(
+        [{k: v for k, v in r.items() if k != "centre"} for r in end.validation])
+    return {"temperature": end.temperature, "selected_by": TEMPERATURE_SELECTED_BY,
+            "sites": sorted(end.curves), "left_out": end.left_out,
+            "validation_nll": (pooled_nll(list(end.curves.values()), end.temperature)
+                               if end.curves else None),
+            "validation_nll_at_1": best["validation"].get("val_loss"),
+            "validation": selection.combine_site_reports(usable)}
 
 
 def in_distribution_test(reports: Sequence[dict], classes: Sequence[str]) -> dict | None:
@@ -109,19 +147,24 @@ class RunRecorder:
         self.completed = record["round"]
         print(progress_line(record, self.config.num_server_rounds), flush=True)
 
+    @property
+    def best_round(self) -> int:
+        """The round the selection rule picks so far."""
+        return selection.best_round(self.rounds)["round"]
+
     def best_state(self) -> dict[str, np.ndarray]:
         """The weights of the selected round (``best.safetensors``)."""
         return load_weights(self.path / BEST_FILE)[0]
 
-    def finish(self, final: dict[str, np.ndarray], test_reports: Sequence[dict],
+    def finish(self, final: dict[str, np.ndarray], end: EndOfRun,
                extras: dict | None = None) -> Path:
         """Write ``final.safetensors``, the model card and the report; returns report.json.
 
-        ``test_reports``: the training sites' reports on their test splits for the selected
-        weights (:meth:`best_state`); ``extras``: further report sections (``privacy``).
+        ``end``: the selected weights (:meth:`best_state`) at the federated temperature;
+        ``extras``: further report sections (``privacy``).
         """
         save_weights(self.path / FINAL_FILE, final, self.metadata)
-        report = self.report(test_reports, extras or {})
+        report = self.report(end, extras or {})
         report["model"] = export_model(self.path, report, self.taxonomy)
         path = write_report(self.path, report)
         held_out, best = report["final"]["held_out"], report["best"]
@@ -133,15 +176,17 @@ class RunRecorder:
                   f"{best['in_distribution_test']['macro_f1']:.3f}, held-out "
                   f"{applied_held_out(best)['macro_f1']:.3f} (gap {best['id_ood_gap']:.3f})",
                   flush=True)
+        print(calibration_line(report), flush=True)
         print(f"[cytofed] report: {path}", flush=True)
         self.run.save_progress(self.rounds, finished=True)
         return path
 
-    def report(self, test_reports: Sequence[dict], extras: dict) -> dict:
-        """report.json's content (see the README); the best round is the exported model."""
+    def report(self, end: EndOfRun, extras: dict) -> dict:
+        """report.json's content (see the README); the best round is the exported model,
+        whose held-out results are at the federated temperature (the rounds' at 1)."""
         best = selection.best_round(self.rounds)
-        in_distribution = in_distribution_test(test_reports, self.classes)
-        gap = (in_distribution["macro_f1"] - applied_held_out(best)["macro_f1"]
+        in_distribution = in_distribution_test(end.test, self.classes)
+        gap = (in_distribution["macro_f1"] - applied_held_out(end.held_out)["macro_f1"]
                if in_distribution else None)
         return {
             "run_name": self.config.run_name, "run_dir": str(self.path),
@@ -150,8 +195,9 @@ class RunRecorder:
             "rounds": self.rounds, "held_out_data": self.held_out_data,
             "final": {"round": self.rounds[-1]["round"], **_held_out_results(self.rounds[-1])},
             "best": {"round": best["round"], "selected_by": selection.SELECTED_BY,
-                     **_held_out_results(best), "in_distribution_test": in_distribution,
-                     "id_ood_gap": gap},
+                     "temperature": end.temperature, **_held_out_results(end.held_out),
+                     "in_distribution_test": in_distribution, "id_ood_gap": gap},
+            "calibration": calibration_entry(end, best),
             "held_out_macro_f1": self.rounds[-1]["held_out"]["macro_f1"],
             **extras,
         }
@@ -161,6 +207,23 @@ def _held_out_results(round_result: dict) -> dict:
     """Plain and test-time-BN-adapted held-out metrics of a round (the latter may be None)."""
     return {"held_out": round_result["held_out"],
             "held_out_bn_adapted": round_result.get("held_out_bn_adapted")}
+
+
+def calibration_line(report: dict) -> str:
+    """The line a run prints about its temperature and ``uncertain`` threshold."""
+    calibration, model = report["calibration"], report["model"]
+    line = (f"[cytofed] temperature {calibration['temperature']:.3f} from "
+            f"{len(calibration['sites'])} sites' validation NLL curves")
+    uncertainty = model.get("uncertainty")
+    if uncertainty is None:
+        return line + "; no uncertainty threshold (no site's validation histogram)"
+    line += (f"; uncertain below {uncertainty['threshold']:.2f}: coverage "
+             f"{uncertainty['coverage']:.3f} of the sites' validation images")
+    held_out = model.get("held_out_at_threshold")
+    if held_out:
+        error = "n/a" if held_out["error_rate"] is None else f"{held_out['error_rate']:.3f}"
+        line += f", {held_out['coverage']:.3f} of the held-out centre's (error rate {error})"
+    return line
 
 
 def progress_line(record: dict, num_rounds: int) -> str:

@@ -2,8 +2,9 @@
 
 Sections: held-out results (macro-F1, balanced accuracy, per-class F1, confusion matrix), the
 selected model in distribution (the training centres' test splits) against the held-out centre
-(the ID-vs-OOD gap), F1 over rounds, calibration (ECE, reliability diagram, the exported
-model's ``uncertain`` threshold), each centre's class counts as its site reported them
+(the ID-vs-OOD gap), F1 over rounds, calibration (the temperature picked from the training
+sites' validation NLL, the exported model's ECE and reliability diagram at it, its
+``uncertain`` threshold), each centre's class counts as its site reported them
 (aggregates only), dropped or rejected clients, the exported model and the run config.
 ``cytofed report RUN_DIR...`` rewrites them from report.json and, given several runs or a LOCO
 sweep folder, compares them (see ``server.comparison``).
@@ -121,11 +122,17 @@ def _left_out_of_held_out(report: dict) -> list[str]:
     return paragraphs
 
 
+def _at_temperature(best: dict) -> str:
+    """", at temperature T" when the exported model's results are at one (report.json's
+    ``best.temperature``), else nothing (reports written before temperature scaling)."""
+    return f", at T={best['temperature']:.3g}" if "temperature" in best else ""
+
+
 def _held_out_section(report: dict, run_dir: Path) -> Section:
     final, best = report["final"], report["best"]
     adapted = [k for k in ("final", "best") if report[k].get("held_out_bn_adapted")]
     metrics = Table(
-        ("held-out metric", "final round", f"best round ({best['round']})",
+        ("held-out metric", "final round", f"best round ({best['round']}{_at_temperature(best)})",
          *(f"{k}, BN-adapted" for k in adapted)),
         [(label, fmt(final["held_out"][key]), fmt(best["held_out"][key]),
           *(fmt(report[k]["held_out_bn_adapted"][key]) for k in adapted))
@@ -203,30 +210,48 @@ def _rounds_section(report: dict, run_dir: Path) -> Section:
 
 
 def _calibration_section(report: dict, run_dir: Path) -> Section:
-    final = report["final"]["held_out"]
+    best = report["best"]
+    selected = next(r for r in report["rounds"] if r["round"] == best["round"])
     paragraphs = [f"Expected calibration error of the top-class probability (15 equal-width "
-                  f"bins) on the held-out centre: {fmt(final['ece'])} after the final round, "
-                  f"{fmt(report['best']['held_out']['ece'])} after the best round."]
+                  f"bins) on the held-out centre: {fmt(report['final']['held_out']['ece'])} "
+                  f"after the final round; exported model (round {best['round']}) "
+                  f"{fmt(best['held_out']['ece'])}{_at_temperature(best)}"
+                  + (f" ({fmt(selected['held_out']['ece'])} at T=1)."
+                     if "temperature" in best else ".")]
+    calibration = report.get("calibration")
+    if calibration:
+        nll = (f": pooled validation NLL {fmt(calibration['validation_nll'])} per image "
+               f"(at T=1: {fmt(calibration['validation_nll_at_1'])})"
+               if calibration["validation_nll"] is not None else "")
+        paragraphs.append(
+            f"Temperature T={calibration['temperature']:.3g} divides every logit of the exported "
+            f"model, chosen by {calibration['selected_by']} of "
+            f"{', '.join(calibration['sites']) or 'no site (T=1)'}{nll}. Each site sent only "
+            "its sums of the NLL at each temperature and its image count.")
+        if calibration["left_out"]:
+            paragraphs.append("Left out of the choice: " + "; ".join(
+                f"node {item['node_id']} ({item['reason']})" for item in calibration["left_out"]))
     tables, plots = [], []
     model = report.get("model", {})
     if model.get("uncertainty"):
-        calibration = model["uncertainty"]
+        uncertainty = model["uncertainty"]
         paragraphs.append(
             f"The exported model flags a prediction as uncertain when its confidence is below "
-            f"{calibration['threshold']:.2f}: the smallest threshold at which predictions on "
-            f"{calibration['calibrated_on']} are wrong at most "
-            f"{calibration['target_error']:.0%} of the time, pooled from the sites' aggregate "
+            f"{uncertainty['threshold']:.2f}: the smallest threshold at which predictions on "
+            f"{uncertainty['calibrated_on']} are wrong at most "
+            f"{uncertainty['target_error']:.0%} of the time, pooled from the sites' aggregate "
             "confidence histograms (no held-out label is used).")
-        rows = [("sites' validation (calibration)", fmt(calibration["coverage"]),
-                 fmt(calibration["error_rate"]))]
+        rows = [("sites' validation (calibration)", fmt(uncertainty["coverage"]),
+                 fmt(uncertainty["error_rate"]))]
         if "held_out_at_threshold" in model:
             share = model["held_out_at_threshold"]
             rows.append((f"held-out {report['held_out_centre']}, best round",
                          fmt(share["coverage"]), fmt(share["error_rate"])))
         tables.append(Table(("at the threshold", "coverage (confident share)",
                              "error rate when confident"), rows))
-    if "reliability" in final:
-        plots.append(Plot(run_dir / "reliability.png", "reliability diagram, final round"))
+    if "reliability" in best["held_out"]:
+        plots.append(Plot(run_dir / "reliability.png",
+                          f"reliability diagram, exported model{_at_temperature(best)}"))
     return Section("Calibration", tuple(paragraphs), tuple(tables), tuple(plots))
 
 
@@ -305,7 +330,8 @@ def run_document(report: dict, run_dir: Path) -> Document:
     config, final = report["config"], report["final"]["held_out"]
     highlights = [("held-out macro-F1", fmt(final["macro_f1"])),
                   ("balanced accuracy", fmt(final["balanced_accuracy"])),
-                  ("calibration error", fmt(final["ece"])),
+                  (f"exported model's calibration error{_at_temperature(report['best'])}",
+                   fmt(report["best"]["held_out"]["ece"])),
                   (f"best round ({report['best']['round']}) macro-F1",
                    fmt(report["best"]["held_out"]["macro_f1"]))]
     if report["best"].get("in_distribution_test"):
@@ -341,8 +367,9 @@ def write_report(run_dir: Path, report: dict) -> Path:
     plot_confusion_matrix(final["confusion_matrix"], report["classes"],
                           run_dir / "confusion_matrix.png")
     plot_per_class_f1(final["per_class_f1"], run_dir / "per_class_f1.png")
-    if "reliability" in final:
-        plot_reliability(final["reliability"], final["ece"], run_dir / "reliability.png")
+    exported = report["best"]["held_out"]
+    if "reliability" in exported:
+        plot_reliability(exported["reliability"], exported["ece"], run_dir / "reliability.png")
     if report["best"].get("in_distribution_test"):
         plot_id_vs_ood(report, run_dir / "id_vs_ood.png")
     write_document(run_document(report, run_dir), run_dir, "report")

@@ -7,8 +7,9 @@ privacy forbids); ``local`` one model per training centre on its own split (the 
 round, validate on their centres' validation splits, score the held-out centre every round, and
 record through ``server.recorder.RunRecorder``: the same progress line per round, the same run
 directory (report, figures, best/final weights, model card, checkpoints), the same selection
-rule (``common.selection.best_round``) and the same in-distribution test on their centres'
-test splits. No Flower import.
+rule (``common.selection.best_round``), the same temperature scaling (each centre's validation
+NLL curve, summed) and the same in-distribution test on their centres' test splits at that
+temperature. No Flower import.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
+from common.calibration import pick_temperature
 from common.config import RunConfig, resolve_centres, training_centres
 from common.data import CentreData
 from common.duplicates import load_held_out
@@ -27,14 +31,15 @@ from common.pipeline import (
     fit,
     load_centre_data,
     new_model,
+    place,
     round_seed,
     score_as_applied,
     score_held_out,
+    temperature_curve,
 )
 from common.selection import combine_site_reports, site_report
-from common.train import images_on_device, resolve_device
 from common.weights import load_state, model_state
-from server.recorder import RoundResult, RunRecorder
+from server.recorder import EndOfRun, RoundResult, RunRecorder
 
 
 def concatenate(parts: list[CentreData], name: str) -> CentreData:
@@ -77,10 +82,8 @@ def train_partition(config: RunConfig, sites: dict[str, dict[str, CentreData]],
     if recorder.checkpoint is not None:
         load_state(model, recorder.checkpoint)
         print(f"[cytofed] resuming {recorder.path} after round {recorder.completed}", flush=True)
-    device = resolve_device(config.device)
-    images = {"train": images_on_device(train.images, device),
-              "held_out": images_on_device(held_out.images, device),
-              **{name: images_on_device(s["val"].images, device) for name, s in sites.items()}}
+    images = {"train": place(train, config), "held_out": place(held_out, config),
+              **{name: place(s["val"], config) for name, s in sites.items()}}
     clients = [{"centre": name, "class-counts": s["train"].class_counts().tolist()}
                for name, s in sites.items()]
     for server_round in range(recorder.completed + 1, config.num_server_rounds + 1):
@@ -104,7 +107,24 @@ def train_partition(config: RunConfig, sites: dict[str, dict[str, CentreData]],
         recorder.complete_round(result.to_dict(), state, state)
     final = model_state(model)
     load_state(model, recorder.best_state())
-    tests = [{"centre": name, **site_report("test", score_as_applied(model, s["test"], config),
-                                            len(train.classes))}
-             for name, s in sites.items()]
-    return recorder.finish(final, tests)
+    return recorder.finish(final, at_temperature(model, sites, held_out, config, images))
+
+
+def at_temperature(model: nn.Module, sites: dict[str, dict[str, CentreData]],
+                   held_out: CentreData, config: RunConfig,
+                   images: dict[str, torch.Tensor]) -> EndOfRun:
+    """The selected ``model`` at the temperature its centres' validation NLL curves pick, on
+    their validation and test splits and the held-out centre (``images``: the placed
+    validation splits by centre, and ``held_out``), as a federated run's end does."""
+    curves = {name: temperature_curve(model, s["val"], config, images[name])
+              for name, s in sites.items()}
+    curves = {name: curve for name, curve in curves.items() if curve is not None}
+    temperature = pick_temperature(list(curves.values())) if curves else 1.0
+
+    def reports(split: str) -> list[dict]:
+        return [{"centre": name, **site_report(split, score_as_applied(
+            model, s[split], config, images[name] if split == "val" else None, temperature),
+            len(held_out.classes))} for name, s in sites.items()]
+
+    return EndOfRun(temperature, curves, reports("val"), reports("test"),
+                    score_held_out(model, held_out, config, images["held_out"], temperature))

@@ -83,8 +83,8 @@ def measure(images: dict[str, np.ndarray], styles: dict[str, StainStats],
                   for method in RESTAIN_METHODS}
     normaliser = ReinhardNormaliser()
     hed_strong = HedStrongJitter(AugmentHParams())
-    full = build_augmenter("domain_strong", stain_normaliser=normaliser,
-                           restainer=Restainer(styles[own], pool_styles, probability=0.5))
+    strong = build_augmenter("domain_strong",
+                             restainer=Restainer(styles[own], pool_styles, probability=0.5))
     domain = build_augmenter("domain")
     model = prepare_model(new_model(RunConfig(model=args.model), 5), torch.device("cpu")).train()
     optimizer = make_optimizer(model, TrainSettings(), torch.device("cpu"))
@@ -100,7 +100,7 @@ def measure(images: dict[str, np.ndarray], styles: dict[str, StainStats],
         "hed_strong": lambda: hed_strong(batch, generator),
         "domain augmentation (uint8 in)": lambda: domain(batch_u8, generator),
         "domain_strong + re-staining (p=0.5) + normalisation (uint8 in)":
-            lambda: full(batch_u8, generator),
+            lambda: strong(normaliser(batch_u8), generator),
     }
     return {name: cpu_seconds(op, args.steps, args.repeats) for name, op in ops.items()}
 

@@ -9,14 +9,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from common import selection
 from common.config import parse_run_config
-from common.data import CentreData
+from common.data import CentreData, CentreSpec
 from common.inference import evaluate_centre
-from common.pipeline import new_model, score_held_out
+from common.metrics import expected_calibration_error, uncertainty_threshold
+from common.modelcard import load_exported_model
+from common.pipeline import load_centre_data, new_model, score_held_out
+from common.train import predict_probabilities
 from simulations.baselines import concatenate, run_centralised
 
+CPU = torch.device("cpu")
 RUN_FILES = ("report.json", "report.html", "report.md", "best.safetensors", "final.safetensors",
              "model_card.json", "f1_over_rounds.png", "confusion_matrix.png", "id_vs_ood.png")
 
@@ -46,7 +51,8 @@ def test_pooled_writes_a_federated_runs_directory_and_selects_by_the_one_rule(
     real_best_round = selection.best_round
     monkeypatch.setattr(selection, "best_round",
                         lambda rounds: calls.append(len(rounds)) or real_best_round(rounds))
-    [path] = run_centralised(parse_run_config({**tiny, "strategy": "pooled"}))
+    config = parse_run_config({**tiny, "strategy": "pooled"})
+    [path] = run_centralised(config)
     lines = [line for line in capsys.readouterr().out.splitlines() if "] round " in line]
     assert [line.split(":")[0] for line in lines] == ["[cytofed] round 1/2", "[cytofed] round 2/2"]
     assert "3/3 sites" in lines[0]
@@ -72,6 +78,28 @@ def test_pooled_writes_a_federated_runs_directory_and_selects_by_the_one_rule(
     toml.write_text('name = "clinic-d"\nformat = "synthetic"\n')
     scored = evaluate_centre(path.parent, toml, cache_dir=tmp_path / "cache", device="cpu")
     assert 0.0 <= scored["macro_f1"] <= 1.0 and scored["num_examples"] > 0
+    # Temperature scaling, end to end: the centres' curves chose T, the card holds it,
+    # `evaluate` applies it, and the report's held-out ECE of the exported model is at T.
+    calibration = report["calibration"]
+    assert calibration["sites"] == report["training_centres"]
+    assert scored["temperature"] == calibration["temperature"] == report["best"]["temperature"]
+    assert calibration["temperature"] != 1.0
+    model, card = load_exported_model(path.parent)
+    held_out = load_centre_data(CentreSpec("clinic-d", format="synthetic"), config)
+    inputs = card.preprocessing.model_input()
+    probabilities = predict_probabilities(model, inputs.place(held_out.images, CPU), CPU,
+                                          inputs, card.temperature)
+    best = report["best"]["held_out"]
+    assert best["ece"] == pytest.approx(
+        expected_calibration_error(held_out.labels, probabilities), abs=1e-6)
+    at_one = next(r for r in report["rounds"] if r["round"] == report["best"]["round"])
+    assert at_one["held_out"]["ece"] != pytest.approx(best["ece"], abs=1e-4)
+    assert best["macro_f1"] == pytest.approx(at_one["held_out"]["macro_f1"])
+    threshold = report["model"]["uncertainty"]
+    assert f"at temperature {calibration['temperature']:.3g}" in threshold["calibrated_on"]
+    assert threshold["coverage"] == pytest.approx(uncertainty_threshold(
+        calibration["validation"]["val_correct_by_confidence"],
+        calibration["validation"]["val_wrong_by_confidence"])["coverage"])
 
 
 def test_local_trains_one_model_per_training_centre_each_in_its_run_directory(tiny):

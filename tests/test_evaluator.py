@@ -121,6 +121,23 @@ def test_the_evaluator_site_sends_exactly_the_metrics_the_server_computes(tmp_pa
     assert np.sum(at_site["held_out"]["confusion_matrix"]) == 40
 
 
+def test_the_evaluator_scores_at_the_temperature_the_server_sends(tmp_path):
+    config = parse_run_config(RUN_CONFIG)
+    grid = deployment(tmp_path)
+    site = SiteHeldOut(config, CentreSpec("clinic-d", format="synthetic"), grid)
+    model, arrays = new_model(config, len(CLASSES)), global_arrays()
+    at_site = site.evaluate(1, model, arrays, temperature=3.0)
+    sent = [m for m in grid.sent if m.metadata.message_type == HELD_OUT_MESSAGE][-1]
+    assert sent.content["config"]["temperature"] == 3.0
+    on_server = ServerHeldOut(config, CentreSpec("clinic-d", format="synthetic"),
+                              grid).evaluate(1, model, arrays, 3.0)
+    assert at_site == on_server
+    plain = site.evaluate(1, model, arrays)
+    for key in ("held_out", "held_out_bn_adapted"):
+        assert at_site[key]["macro_f1"] == plain[key]["macro_f1"]
+        assert at_site[key]["ece"] != pytest.approx(plain[key]["ece"], abs=1e-4)
+
+
 def test_the_evaluator_never_trains_and_never_sends_weights(tmp_path):
     grid = deployment(tmp_path)
     context = Context(run_id=1, node_id=9, node_config=grid.node_configs[9],

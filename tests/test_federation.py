@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
-from common.config import RunConfig
-from common.methods import create_method
 from server import federation
-from server.federation import exchange, score_test_splits
-from server.strategies import create_strategy, state_to_record
+from server.federation import exchange
 
 pytestmark = pytest.mark.usefixtures("server_task")
 
@@ -80,33 +76,3 @@ def test_stops_at_the_timeout_with_the_replies_so_far(monkeypatch: pytest.Monkey
     replies = exchange(grid, messages(2), timeout=0.3)
     assert [r.content["config"]["i"] for r in replies] == [0]
     assert 0.3 <= time.monotonic() - started < 5
-
-
-class SitesGrid(DelayedGrid):
-    """Two sites that answer every message at once with a test-split report."""
-
-    def __init__(self) -> None:
-        super().__init__([0.0, 0.0])
-
-    def get_node_ids(self) -> list[int]:
-        return [1, 2]
-
-    def pull_messages(self, message_ids):
-        return [Message(RecordDict({
-            "metrics": MetricRecord({"test_confusion_matrix": [1, 0, 0, 1], "num-examples": 2}),
-            "site": ConfigRecord({"centre": f"clinic-{m.metadata.dst_node_id}"})}), reply_to=m)
-            for m in self.sent if m.metadata.message_id in set(message_ids)]
-
-
-def test_every_site_scores_the_selected_model_on_its_test_split():
-    """The test split reaches evaluation: one evaluate message per site asking for
-    ``split=test``; the sites' aggregate reports come back with their centres."""
-    config = RunConfig()
-    weights = {"fc.bias": np.zeros(2, np.float32)}
-    grid = SitesGrid()
-    strategy = create_strategy(config, create_method(config), weights)
-    reports = score_test_splits(strategy, grid, state_to_record(weights), 3, timeout=10)
-    assert sorted(r["centre"] for r in reports) == ["clinic-1", "clinic-2"]
-    assert all(r["test_confusion_matrix"] == [1, 0, 0, 1] for r in reports)
-    assert [m.metadata.message_type for m in grid.sent] == ["evaluate"] * 2
-    assert all(m.content["config"]["split"] == "test" for m in grid.sent)

@@ -46,7 +46,9 @@ def test_an_ldam_run_exports_its_logit_scale_and_applies_it(tmp_path):
                          "field-of-view": "full", "strategy": "fedavg", "loss": "ldam_drw",
                          "num-server-rounds": 1},
               "classes": ["neutrophil"], "training_centres": ["a"], "held_out_centre": "c",
-              "rounds": [_round(1, {}, HELD_OUT)], "best": {"round": 1, "selected_by": "rule"}}
+              "rounds": [_round(1, {}, HELD_OUT)],
+              "best": {"round": 1, "selected_by": "rule", **_round(1, {}, HELD_OUT)},
+              "calibration": {"temperature": 1.0, "validation": {}}}
     assert model_card(report, "wbc5").logit_scale == 30.0
     assert model_card({**report, "config": {**report["config"], "loss": "focal"}},
                       "wbc5").logit_scale == 1.0
@@ -98,28 +100,74 @@ HELD_OUT = {"macro_f1": 0.4, "balanced_accuracy": 0.5, "accuracy": 0.6, "ece": 0
             "num_examples": 10, "per_class_f1": {"neutrophil": 0.4}, "loss": 1.0}
 
 
-def test_run_export_card_uses_best_round_and_sites_validation():
+def test_run_export_card_uses_best_round_and_sites_validation_at_the_temperature():
+    """The card describes the selected round at the federated temperature: its threshold
+    comes from the sites' validation histograms at that temperature (not the round's at 1),
+    plain and BN-adapted held-out metrics are kept apart, adaptation is only recommended."""
     held_out = HELD_OUT
     adapted = {**held_out, "macro_f1": 0.7}
-    validation = {"val_macro_f1": 0.8, "val_correct_by_confidence": [0.0, 0.2, 0.7],
-                  "val_wrong_by_confidence": [0.0, 0.1, 0.0]}
+    at_one = {"val_macro_f1": 0.8, "val_correct_by_confidence": [0.5, 0.2, 0.0],
+              "val_wrong_by_confidence": [0.2, 0.1, 0.0]}
+    at_temperature = {"val_macro_f1": 0.8, "val_correct_by_confidence": [0.0, 0.2, 0.7],
+                      "val_wrong_by_confidence": [0.0, 0.1, 0.0]}
     report = {
-        "config": {"model": "test_resnet", "norm": "group", "image-size": 32,
-                   "field-of-view": "cell", "strategy": "fedbn", "loss": "focal",
-                   "num-server-rounds": 2},
+        "config": {"model": "tf_efficientnet_lite0", "norm": "group", "image-size": 32,
+                   "field-of-view": "cell", "stain-normalise": "reinhard", "strategy": "fedbn",
+                   "loss": "focal", "num-server-rounds": 2},
         "classes": ["neutrophil"], "training_centres": ["a", "b"], "held_out_centre": "c",
         "rounds": [_round(1, {"val_macro_f1": 0.1}, held_out),
-                   _round(2, validation, held_out, adapted)],
-        "best": {"round": 2, "selected_by": "sites' validation macro-F1"},
+                   _round(2, at_one, held_out, adapted)],
+        "best": {"round": 2, "selected_by": "sites' validation macro-F1", "temperature": 0.8,
+                 "held_out": held_out, "held_out_bn_adapted": adapted},
+        "calibration": {"temperature": 0.8, "validation": at_temperature},
     }
     card = model_card(report, "wbc5")
+    assert card.temperature == 0.8
     assert card.threshold == pytest.approx(2 / 3)
     assert card.uncertainty["coverage"] == pytest.approx(0.7 / 1.0)
-    assert card.adapt_batchnorm and card.held_out_metrics["macro_f1"] == 0.7
+    assert "temperature 0.8" in card.uncertainty["calibrated_on"]
+    assert card.adapt_batchnorm
+    assert card.held_out_metrics["macro_f1"] == 0.4
+    assert card.held_out_metrics_bn_adapted["macro_f1"] == 0.7
     assert "loss" not in card.held_out_metrics
     assert (card.backbone, card.norm, card.preprocessing.field_of_view) == (
-        "test_resnet", "group", "cell")
+        "tf_efficientnet_lite0", "group", "cell")
+    # The backbone's own input normalisation (timm: [-1, 1] for this port), not ImageNet's.
+    assert card.preprocessing.mean == card.preprocessing.std == (0.5, 0.5, 0.5)
+    assert card.preprocessing.stain_normalisation == "reinhard"
     assert card.training["round"] == 2 and card.training_centres == ("a", "b")
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("temperature", 0, "'temperature': expected a number in"),
+    ("temperature", "1", "'temperature': expected a number in"),
+    ("stain_normalisation", "macenko", "'stain_normalisation': expected one of"),
+    ("mean", [0.5, 0.5], "'mean': expected 3 finite numbers"),
+    ("std", [0.5, 0.0, 0.5], "'std': expected 3 finite positive numbers"),
+])
+def test_a_card_with_an_unknown_input_or_temperature_is_refused(tmp_path, field, value, message):
+    _, card_path = export_tiny_model(tmp_path / "run")
+    data = tiny_card().to_dict()
+    if field == "temperature":
+        data[field] = value
+    else:
+        data["preprocessing"][field] = value
+    card_path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=re.escape(f"{card_path}: model card ") + ".*"
+                       + re.escape(message)):
+        load_exported_model(card_path)
+
+
+def test_a_card_from_before_input_normalisation_followed_the_backbone_still_loads(tmp_path):
+    """Older cards have ImageNet mean/std and no stain normalisation or temperature."""
+    _, card_path = export_tiny_model(tmp_path / "run")
+    data = tiny_card().to_dict()
+    del data["temperature"], data["held_out_metrics_bn_adapted"]
+    del data["preprocessing"]["stain_normalisation"]
+    card_path.write_text(json.dumps(data))
+    _, card = load_exported_model(card_path)
+    assert card.temperature == 1.0 and card.preprocessing.stain_normalisation == "none"
+    assert card.preprocessing.model_input().mean == (0.485, 0.456, 0.406)
 
 
 @pytest.mark.parametrize("weights", ["../../etc/x", "/etc/passwd", "sub/../../x.safetensors", ""])

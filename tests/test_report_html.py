@@ -95,12 +95,16 @@ def make_report(run_dir: Path, strategy: str = "fedavg", seed: int = 0,
             "classes": CLASSES, "held_out_centre": held_out, "training_centres": list("abc"),
             "rounds": rounds, "final": {"round": 2, "held_out": rounds[1]["held_out"]},
             "best": {"round": 2, "selected_by": "sites' validation macro-F1",
-                     "held_out": rounds[1]["held_out"],
+                     "temperature": 0.8, "held_out": held_out_metrics(seed + 2, 0.8),
                      "in_distribution_test": {
                          **held_out_metrics(seed + 3, 0.95),
                          "sites": [{"centre": c, "macro_f1": 0.9, "num_examples": 30}
                                    for c in "abc"]},
                      "id_ood_gap": 0.25},
+            "calibration": {"temperature": 0.8, "selected_by": "the sites' summed NLL",
+                            "sites": list("abc"), "left_out": [{"node_id": 12, "reason": "x"}],
+                            "validation_nll": 0.5, "validation_nll_at_1": 0.7,
+                            "validation": {}},
             "held_out_macro_f1": rounds[1]["held_out"]["macro_f1"],
             "model": {"card": "model_card.json", "weights": "best.safetensors",
                       "uncertainty": {"threshold": 0.6, "target_error": 0.05, "coverage": 0.5,
@@ -121,10 +125,13 @@ def test_run_report_html_is_self_contained_with_every_section(tmp_path):
     text = (tmp_path / "report.html").read_text()
     for expected in ("no reply before the round timeout", "basophil.weight contains NaN",
                      "uncertain when its confidence is below 0.60", "clinic-d (held out)",
-                     "gap (in distribution - held out)", "a (test split)"):
+                     "gap (in distribution - held out)", "a (test split)",
+                     "Temperature T=0.8 divides every logit", "best round (2, at T=0.8)",
+                     "pooled validation NLL 0.500 per image (at T=1: 0.700)",
+                     "node 12 (x)"):
         assert expected in text
     markdown = (tmp_path / "report.md").read_text()
-    assert "![reliability diagram, final round](reliability.png)" in markdown
+    assert "![reliability diagram, exported model, at T=0.8](reliability.png)" in markdown
     assert "| a | 50 | 30 | 10 | 8 | 2 | 100 |" in markdown
 
 
@@ -134,8 +141,9 @@ def test_report_without_optional_parts_still_renders(tmp_path):
     for r in report["rounds"]:
         del r["clients"]
         r["held_out"] = {k: v for k, v in r["held_out"].items() if k != "reliability"}
-    report["final"]["held_out"] = report["rounds"][1]["held_out"]
+    report["final"]["held_out"] = report["best"]["held_out"] = report["rounds"][1]["held_out"]
     report["best"]["in_distribution_test"] = report["best"]["id_ood_gap"] = None
+    del report["calibration"], report["best"]["temperature"]  # a report from before
     write_report(tmp_path, report)
     page = parse(tmp_path / "report.html")
     assert_embedded_pngs(page, 3)

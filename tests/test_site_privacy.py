@@ -66,7 +66,8 @@ def test_a_centre_that_does_not_share_counts_sends_them_in_no_message(tmp_path):
     counts = {node: open_site(grid.context(node)).train.class_counts().tolist()
               for node in (1, 2)}
     sent = {node: [(kind, data) for n, kind, data in grid.wire if n == node] for node in (1, 2)}
-    assert {kind for kind, _ in sent[1]} == {"query.class_counts", "train", "evaluate"}
+    assert {kind for kind, _ in sent[1]} == {"query.class_counts", "train", "evaluate",
+                                             "evaluate.temperature_curve"}
     for _, data in sent[1]:
         assert b"class-counts" not in data and counts[1] not in values_sent(data)
     # The sharing site does send them: the check above can see counts when they are there.
@@ -85,14 +86,18 @@ def test_a_site_error_reaches_the_server_as_a_code_and_its_path_stays_in_the_sit
             tmp_path, '[[centre]]\nname = "clinic-a"\nformat = "synthetic"\n\n'
                       f'[[centre]]\nname = "clinic-b"\npath = "{SECRET}"\n\n')
     failed = [(kind, data) for node, kind, data in grid.wire if node == 2]
-    # train, validation, and the selected model on its test split at the end
-    assert [kind for kind, _ in failed] == ["train", "evaluate", "evaluate"]
+    # train, validation, and at the end the selected model's temperature curve, then the
+    # model at that temperature on its validation and test splits
+    assert [kind for kind, _ in failed] == ["train", "evaluate", "evaluate.temperature_curve",
+                                            "evaluate", "evaluate"]
     for _, data in failed:
         assert values_sent(data) == [DATA] and b"secret-lab" not in data
     assert report["rounds"][0]["dropped"] == [{"node_id": 2, "reason": DATA}]
+    assert report["calibration"]["left_out"] == [{"node_id": 2, "reason": DATA}]
+    assert report["calibration"]["sites"] == ["clinic-a"]
     assert "secret-lab" not in next((tmp_path / "runs").glob("*/report.json")).read_text()
     logged = [r for r in caplog.records if r.name == "cytofed.site"]
-    assert len(logged) == 3 and SECRET in logged[0].exc_text
+    assert len(logged) == 5 and SECRET in logged[0].exc_text
     assert logged[0].getMessage() == f"train failed ({DATA} sent to the server)"
 
 

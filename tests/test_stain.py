@@ -17,6 +17,7 @@ from common.augment import (
     normalise,
     to_model_input,
 )
+from common.model_input import ModelInput
 from common.stain import (
     CONCENTRATION_RANGE,
     LAB_STD_RANGE,
@@ -291,12 +292,16 @@ def test_normalisation_is_deterministic_on_uint8_and_float_batches(
 
 def test_training_and_prediction_apply_the_same_normalisation(
         clinics: dict[str, np.ndarray]) -> None:
-    batch = torch.from_numpy(clinics["clinic-a"][:4])
-    normaliser = ReinhardNormaliser()
-    predicted = to_model_input(batch, stain_normaliser=normaliser)
-    trained = Augmenter([], stain_normaliser=normaliser)(batch, seeded(0))
+    """Placed once (``ModelInput.place``), the same normalised images reach the training
+    augmenter and the prediction path."""
+    images = clinics["clinic-a"][:4]
+    inputs = ModelInput(IMAGENET_MEAN, IMAGENET_STD, "reinhard")
+    placed = inputs.place(images, torch.device("cpu"))
+    assert torch.equal(placed, ReinhardNormaliser()(torch.from_numpy(images)))
+    predicted = inputs.normalise(placed)
+    trained = Augmenter([], mean=inputs.mean, std=inputs.std)(placed, seeded(0))
     assert torch.equal(predicted, trained)
-    assert not torch.allclose(predicted, to_model_input(batch), atol=0.05)
+    assert not torch.allclose(predicted, to_model_input(torch.from_numpy(images)), atol=0.05)
 
 
 def test_unknown_normaliser_is_named() -> None:
