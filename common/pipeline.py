@@ -70,22 +70,28 @@ def round_seed(run_seed: int, server_round: int, site: str) -> int:
 
 
 def fit(model: nn.Module, data: CentreData, config: RunConfig, class_counts: np.ndarray,
-        progress: float, seed: int, images: torch.Tensor | None = None) -> dict[str, float]:
-    """Train ``model`` in place on ``data`` for ``config.local_epochs`` epochs, with the
-    settings the run's method gives a local fit (see ``common.methods``).
+        progress: float, seed: int, images: torch.Tensor | None = None,
+        restainer: nn.Module | None = None, centres: int = 1) -> dict[str, float]:
+    """Train ``model`` in place on ``data`` for ``config.local_epochs`` epochs, or
+    ``config.local_steps`` steps per centre when set, with the settings the run's method gives
+    a local fit (see ``common.methods``).
 
     ``images``: ``data.images`` already placed by ``images_on_device`` (uploaded once by a
-    caller that trains on the same data again); placed here when None.
+    caller that trains on the same data again); placed here when None. ``restainer``
+    (``common.stain.Restainer``) re-stains training batches before the augmentation.
+    ``centres``: how many training centres ``data`` pools (a pooled reference takes the steps
+    of all of them).
     """
     device = resolve_device(config.device)
     settings = create_method(config).local_settings(TrainSettings(
-        epochs=config.local_epochs, batch_size=config.batch_size,
+        epochs=config.local_epochs, steps=config.local_steps * centres,
+        sampling_balance=config.sampling_balance, batch_size=config.batch_size,
         learning_rate=config.learning_rate, weight_decay=config.weight_decay, seed=seed,
         compile=config.compile))
     loss_fn = create_loss(config.loss, class_counts, progress=min(max(progress, 0.0), 1.0))
     model = prepare_model(model, device)
     return train_local(model, _placed(data, images, device), data.labels, loss_fn,
-                       settings, build_augmenter(config.augment), device)
+                       settings, build_augmenter(config.augment, restainer=restainer), device)
 
 
 def score(model: nn.Module, data: CentreData, config: RunConfig,
