@@ -23,6 +23,7 @@ from common.data import CentreData, CentreSpec
 from common.methods import Method, create_method
 from common.pipeline import centre_splits, load_centre_data, new_model
 from common.selection import SPLITS
+from common.stain import StainStats, site_stain_stats
 from common.train import images_on_device, resolve_device
 from common.weights import from_wire, load_state, model_state, to_wire
 
@@ -61,6 +62,15 @@ class Site:
         device = resolve_device(self.config.device)
         return {"train": images_on_device(self.train.images, device),
                 "val": images_on_device(self.val.images, device)}
+
+    @functools.cached_property
+    def stain_style(self) -> StainStats | None:
+        """The stain statistics of the site's training images (None when too few stained
+        pixels give no stain matrix); computed once. Shared only where the centre allows."""
+        try:
+            return site_stain_stats(self.train.images, seed=self.spec.split_seed)
+        except ValueError:
+            return None
 
     def split(self, name: str) -> CentreData:
         """The split a server asks the site to score (``val`` or ``test``)."""
