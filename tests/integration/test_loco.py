@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import tomllib
 from datetime import datetime
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def test_loco_with_the_shipped_recipe_and_two_variants(flower_env, tmp_path):
         assert 0.0 <= row["not_uncertain_share"] <= 1.0
     reports = {name: json.loads((Path(row["run_dirs"][0]) / "report.json").read_text())
                for name, row in rows.items()}
-    assert reports["recipe"]["config"]["average-last-rounds"] == 3  # the recipe's
+    recipe = tomllib.loads((ROOT / "simulations/recipes/robust.toml").read_text())
+    assert reports["recipe"]["config"]["average-last-rounds"] == recipe["average-last-rounds"]
     assert reports["restain"]["config"]["average-last-rounds"] == 0  # the variant's
     assert reports["recipe"]["config"]["field-of-view"] == "cell"
     assert set(reports["restain"]["stain_sharing"]["shared"]) == {"clinic-b", "clinic-c"}
