@@ -28,6 +28,7 @@ from client.site import Site, open_site
 from common.calibration import CURVE_MESSAGE, CURVE_RECORD, checked_temperature
 from common.pipeline import fit, round_seed, score_as_applied, temperature_curve
 from common.selection import site_report
+from common.stain_sharing import site_restainer
 
 # Errors leave a site as a fixed code (outermost, so it sees every failure); the node's role
 # decides which messages reach the app at all (an evaluator site never trains); clipping for
@@ -38,7 +39,8 @@ app = ClientApp(mods=list(MODS))
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Local epochs from the global weights; returns the update and training metrics."""
+    """Local epochs (or steps) from the global weights, re-staining batches towards the other
+    sites' styles when the server sent a pool; returns the update and training metrics."""
     site = open_site(context)
     config = site.config
     train_config = msg.content["config"]
@@ -49,7 +51,10 @@ def train(msg: Message, context: Context) -> Message:
     metrics = fit(model, site.train, config, counts,
                   progress=server_round / config.num_server_rounds,
                   seed=round_seed(config.seed, server_round, site.spec.name),
-                  images=site.device_images["train"])
+                  images=site.device_images["train"],
+                  restainer=site_restainer(train_config, site.spec.name,
+                                           lambda: site.stain_style,
+                                           config.restain_probability))
     site.keep(model, context)
     arrays = site.update(model)
     described = ConfigRecord({"centre": site.spec.name})
@@ -115,6 +120,18 @@ def class_counts(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"config": record}), reply_to=msg)
 
 
+@app.query("stain_stats")
+def stain_stats(msg: Message, context: Context) -> Message:
+    """The stain statistics of the site's training images (numbers only,
+    ``common.stain.StainStats``), only if its centre config allows sharing them."""
+    site = open_site(context)
+    record = ConfigRecord({"share-stain": site.spec.share_stain, "centre": site.spec.name})
+    if site.spec.share_stain:
+        style = site.stain_style
+        record.update(style.to_dict() if style else {"no-style": True})
+    return Message(content=RecordDict({"config": record}), reply_to=msg)
+
+
 register_role_handlers(app)
 
 
@@ -139,5 +156,6 @@ def build_client_app(overrides: Mapping[str, Any]) -> ClientApp:
     client_app.evaluate()(evaluate)
     client_app.evaluate(CURVE_MESSAGE.split(".")[1])(validation_curve)
     client_app.query("class_counts")(class_counts)
+    client_app.query("stain_stats")(stain_stats)
     register_role_handlers(client_app)
     return client_app

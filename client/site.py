@@ -23,6 +23,7 @@ from common.data import CentreData, CentreSpec
 from common.methods import Method, create_method
 from common.pipeline import centre_splits, load_centre_data, new_model, place
 from common.selection import SPLITS
+from common.stain import StainStats, site_stain_stats
 from common.weights import from_wire, load_state, model_state, to_wire
 
 KEPT_STATE_KEY = "site-kept-state"
@@ -58,6 +59,17 @@ class Site:
         """The train and val images, placed once (``common.pipeline.place``: stain-normalised,
         uploaded); the test split is scored once per run and placed then."""
         return {"train": place(self.train, self.config), "val": place(self.val, self.config)}
+
+    @functools.cached_property
+    def stain_style(self) -> StainStats | None:
+        """The stain statistics of the site's training images as the model sees them (after
+        ``stain-normalise``, which re-staining follows); None when too few stained pixels give
+        no stain matrix. Computed once; shared only where the centre allows."""
+        images = self.device_images["train"].cpu().numpy()
+        try:
+            return site_stain_stats(images, seed=self.spec.split_seed)
+        except ValueError:
+            return None
 
     def split(self, name: str) -> CentreData:
         """The split a server asks the site to score (``val`` or ``test``)."""

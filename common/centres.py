@@ -8,6 +8,8 @@ A centre file describes one site (relative paths are relative to the file)::
     taxonomy = "wbc5"     # optional, default "wbc5"
     split_seed = 0        # optional
     share_counts = true   # optional: may the site tell the server its class counts
+    share_stain = false   # optional: may it share its stain statistics (run config
+                          # stain-sharing: numbers only, see common.stain.StainStats)
 
     [classes]             # optional, any format: the source's class names -> taxonomy class
     Baso = "basophil"
@@ -49,7 +51,8 @@ from common.sources import LOADABLE_FORMATS, SYNTHETIC, SourceRecord, read_recor
 from common.taxonomy import DROP, TAXONOMIES, check_class_map, match_label
 
 FIELDS: dict[str, type] = {"name": str, "path": str, "format": str, "taxonomy": str,
-                           "split_seed": int, "share_counts": bool, "classes": dict}
+                           "split_seed": int, "share_counts": bool, "share_stain": bool,
+                           "classes": dict}
 TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false",
               dict: f'a table of source class = taxonomy class or "{DROP}"'}
 
@@ -105,6 +108,7 @@ def _parse_centre(table: dict[str, Any], base_dir: Path, where: str) -> CentreSp
     return CentreSpec(name=table["name"], path=path, format=fmt, taxonomy=taxonomy,
                       split_seed=table.get("split_seed", 0),
                       share_counts=table.get("share_counts", True),
+                      share_stain=table.get("share_stain", False),
                       class_map=tuple(classes.items()))
 
 

@@ -3,11 +3,19 @@
 Flower hands the ``[tool.flwr.app.config]`` table (plus ``--run-config`` overrides) to both
 apps as a flat dict with hyphenated keys; :func:`parse_run_config` turns it into a validated
 :class:`RunConfig` or raises :class:`ConfigError` naming the field, before any training starts.
+
+``recipe`` names a flat TOML file of run-config keys (relative paths from the project root,
+e.g. ``simulations/recipes/robust.toml``) loaded under the explicit keys: a key the run config
+sets to something other than its default wins over the recipe's. (Flower hands the apps the
+defaults merged with the overrides, and refuses a TOML file mixed with key-value pairs on one
+``flwr run``, so a key given with its default value cannot be told from one left out: there,
+the recipe's value is used.)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -19,13 +27,16 @@ FIELDS_OF_VIEW = ("full", "cell")
 CLASS_PRIORS = ("local", "federated")
 HELD_OUT_EVALUATIONS = ("server", "site")
 SYNTHETIC = "synthetic"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # where relative recipe paths start
 
 
 class ConfigError(ValueError):
     """A run-config value is missing, of the wrong type or out of range."""
 
-    def __init__(self, field_name: str, expected: str, got: Any) -> None:
-        super().__init__(f"run config field '{field_name}': expected {expected}, got {got!r}")
+    def __init__(self, field_name: str, expected: str, got: Any, source: str = "") -> None:
+        where = f" (in {source})" if source else ""
+        super().__init__(f"run config field '{field_name}'{where}: expected {expected}, "
+                         f"got {got!r}")
         self.field_name = field_name
 
 
@@ -35,6 +46,8 @@ class RunConfig:
 
     num_server_rounds: int = 10
     local_epochs: int = 1
+    local_steps: int = 0
+    sampling_balance: float = 0.0
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
     batch_size: int = 32
@@ -47,14 +60,18 @@ class RunConfig:
     augment: str = "stain"
     field_of_view: str = "full"
     stain_normalise: str = "none"
+    stain_sharing: bool = False
+    restain_probability: float = 0.5
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.01
     trim_fraction: float = 0.2
     min_train_nodes: int = 2
     wire_precision: str = "fp32"
+    average_last_rounds: int = 0
     held_out: str = "clinic-d"
     held_out_evaluation: str = "server"
+    held_out_every: int = 1
     data_source: str = SYNTHETIC
     allow_synthetic: bool = False
     synthetic_images: int = 600
@@ -69,6 +86,7 @@ class RunConfig:
     dp_clipping_norm: float = 1.0
     dp_delta: float = 1e-5
     round_timeout: float = 3600.0
+    recipe: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration with hyphenated keys, as in pyproject.toml."""
@@ -141,6 +159,9 @@ def _wire_precisions() -> tuple[str, ...]:
 CHECKS: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
     "num_server_rounds": (_positive, "a positive integer"),
     "local_epochs": (_positive, "a positive integer"),
+    "local_steps": (_non_negative, "an integer >= 0 (0: local-epochs epochs per round)"),
+    "sampling_balance": (lambda v: 0 <= v <= 1, "a number in [0, 1] (0: instance sampling, "
+                         "1: class-balanced)"),
     "learning_rate": (_positive, "a positive number"),
     "weight_decay": (_non_negative, "a number >= 0"),
     "batch_size": (_positive, "a positive integer"),
@@ -153,13 +174,16 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
     "field_of_view": (_one_of(FIELDS_OF_VIEW), f"one of {FIELDS_OF_VIEW}"),
     "stain_normalise": (_one_of(_stain_normalisations),
                         lambda: f"one of {_stain_normalisations()}"),
+    "restain_probability": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "strategy": (_one_of(_methods), lambda: f"one of the methods {_methods()}"),
     "proximal_mu": (_non_negative, "a number >= 0"),
     "server_learning_rate": (_positive, "a positive number"),
     "trim_fraction": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
     "min_train_nodes": (_positive, "a positive integer"),
     "wire_precision": (lambda v: v in _wire_precisions(), "'fp32', 'bf16' or 'fp16'"),
+    "average_last_rounds": (_non_negative, "an integer >= 0 (0 turns weight averaging off)"),
     "held_out_evaluation": (_one_of(HELD_OUT_EVALUATIONS), f"one of {HELD_OUT_EVALUATIONS}"),
+    "held_out_every": (_positive, "a positive integer"),
     "synthetic_images": (lambda v: v >= 20, "an integer >= 20"),
     "device": (lambda v: v in ("auto", "cpu") or v.startswith("cuda"), "'auto', 'cpu' or 'cuda'"),
     "run_name": (lambda v: bool(v) and "/" not in v, "a non-empty name without '/'"),
@@ -170,16 +194,29 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
 }
 
 
-def _coerce(name: str, value: Any, kind: type) -> Any:
+def _coerce(name: str, value: Any, kind: type, source: str = "") -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ConfigError(name.replace("_", "-"), f"a value of type {kind.__name__}", value)
+        raise ConfigError(name.replace("_", "-"), f"a value of type {kind.__name__}", value,
+                          source)
     return value
 
 
 def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
-    """Validate a flat run-config mapping (hyphenated keys); unknown keys are errors."""
+    """Validate a flat run-config mapping (hyphenated keys); unknown keys are errors.
+
+    A ``recipe`` file's keys are merged in first (see the module docstring).
+    """
+    config = _validated(with_recipe(run_config))
+    if config.norm == "frozen_batch" and not config.pretrained:
+        raise ConfigError("norm", "'batch' or 'group' without a pretrained backbone "
+                          "('frozen_batch' keeps pretrained BatchNorm statistics)", config.norm)
+    return config
+
+
+def _validated(run_config: Mapping[str, Any], source: str = "") -> RunConfig:
+    """Every key known, typed and in range; errors name ``source`` (a recipe file) if given."""
     known = {f.name: f for f in fields(RunConfig)}
     defaults = RunConfig()
     values: dict[str, Any] = {}
@@ -187,18 +224,53 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
         name = key.replace("-", "_")
         if name not in known:
             raise ConfigError(key, f"one of the known fields {sorted(RunConfig().to_dict())}",
-                              value)
-        values[name] = _coerce(name, value, type(getattr(defaults, name)))
+                              value, source)
+        values[name] = _coerce(name, value, type(getattr(defaults, name)), source)
     config = dataclasses.replace(defaults, **values)
     for name, (check, expected) in CHECKS.items():
         if not check(getattr(config, name)):
             raise ConfigError(name.replace("_", "-"),
                               expected() if callable(expected) else expected,
-                              getattr(config, name))
-    if config.norm == "frozen_batch" and not config.pretrained:
-        raise ConfigError("norm", "'batch' or 'group' without a pretrained backbone "
-                          "('frozen_batch' keeps pretrained BatchNorm statistics)", config.norm)
+                              getattr(config, name), source)
     return config
+
+
+def recipe_path(recipe: str) -> Path:
+    """A recipe's file: absolute, or relative to the project root."""
+    path = Path(recipe).expanduser()
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def load_recipe(recipe: str) -> dict[str, Any]:
+    """The run-config keys of a recipe file, each checked (errors name the file)."""
+    path = recipe_path(recipe)
+    if not path.is_file():
+        raise ConfigError("recipe", f"a TOML file of run-config keys (relative paths start at "
+                          f"{PROJECT_ROOT})", recipe)
+    try:
+        keys = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError("recipe", f"a valid TOML file ({error})", str(path)) from error
+    for key, value in keys.items():
+        if isinstance(value, dict | list) or key == "recipe":
+            raise ConfigError(key, "a flat run-config key = value (no tables, lists or "
+                              "nested recipe)", value, f"recipe {path}")
+    _validated(keys, f"recipe {path}")
+    return keys
+
+
+def with_recipe(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """``run_config`` with its recipe's keys where it leaves them at their defaults."""
+    merged = dict(run_config)
+    if not merged.get("recipe"):
+        return merged
+    if not isinstance(merged["recipe"], str):
+        raise ConfigError("recipe", "a path to a TOML file", merged["recipe"])
+    defaults = RunConfig().to_dict()
+    for key, value in load_recipe(merged["recipe"]).items():
+        if key not in merged or merged[key] == defaults[key]:
+            merged[key] = value
+    return merged
 
 
 def resolve_centres(config: RunConfig, base_dir: Path | None = None) -> list[CentreSpec]:
@@ -209,7 +281,8 @@ def resolve_centres(config: RunConfig, base_dir: Path | None = None) -> list[Cen
     if config.data_source == SYNTHETIC:
         from common.synthetic import default_clinics
 
-        centres = [CentreSpec(name=c.name, format=SYNTHETIC) for c in default_clinics()]
+        centres = [CentreSpec(name=c.name, format=SYNTHETIC, share_stain=True)
+                   for c in default_clinics()]
     else:
         from common.centres import read_centres
 

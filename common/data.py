@@ -20,6 +20,7 @@ class CentreSpec:
     taxonomy: str = "wbc5"
     split_seed: int = 0
     share_counts: bool = True
+    share_stain: bool = False  # may the site share its stain statistics (stain-sharing)
     class_map: tuple[tuple[str, str], ...] = ()  # [classes]: source class -> class or "drop"
 
 

@@ -84,22 +84,28 @@ def round_seed(run_seed: int, server_round: int, site: str) -> int:
 
 
 def fit(model: nn.Module, data: CentreData, config: RunConfig, class_counts: np.ndarray,
-        progress: float, seed: int, images: torch.Tensor | None = None) -> dict[str, float]:
-    """Train ``model`` in place on ``data`` for ``config.local_epochs`` epochs, with the
-    settings the run's method gives a local fit (see ``common.methods``).
+        progress: float, seed: int, images: torch.Tensor | None = None,
+        restainer: nn.Module | None = None, centres: int = 1) -> dict[str, float]:
+    """Train ``model`` in place on ``data`` for ``config.local_epochs`` epochs, or
+    ``config.local_steps`` steps per centre when set, with the settings the run's method gives
+    a local fit (see ``common.methods``).
 
     ``images``: ``data`` already placed by :func:`place` (once, by a caller that trains on
-    the same data again); placed here when None.
+    the same data again); placed here when None. ``restainer`` (``common.stain.Restainer``)
+    re-stains training batches before the augmentation. ``centres``: how many training
+    centres ``data`` pools (a pooled reference takes the steps of all of them).
     """
     device = resolve_device(config.device)
     settings = create_method(config).local_settings(TrainSettings(
-        epochs=config.local_epochs, batch_size=config.batch_size,
+        epochs=config.local_epochs, steps=config.local_steps * centres,
+        sampling_balance=config.sampling_balance, batch_size=config.batch_size,
         learning_rate=config.learning_rate, weight_decay=config.weight_decay, seed=seed,
         compile=config.compile))
     loss_fn = create_loss(config.loss, class_counts, progress=min(max(progress, 0.0), 1.0))
     model = prepare_model(model, device)
     inputs = model_input(config)
-    augmenter = build_augmenter(config.augment, mean=inputs.mean, std=inputs.std)
+    augmenter = build_augmenter(config.augment, mean=inputs.mean, std=inputs.std,
+                                restainer=restainer)
     return train_local(model, _placed(data, images, config), data.labels, loss_fn,
                        settings, augmenter, device)
 

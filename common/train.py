@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,6 +15,7 @@ from torch import nn
 from common.augment import Augmenter
 from common.calibration import apply_temperature, log_softmax
 from common.metrics import classification_metrics
+from common.sampling import balanced_batches
 
 if TYPE_CHECKING:
     from common.model_input import ModelInput
@@ -25,9 +26,14 @@ DEVICE_MEMORY_SHARE = 0.5
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Hyper-parameters of one local training call."""
+    """Hyper-parameters of one local training call: ``epochs`` passes over the images in a
+    random order, or exactly ``steps`` optimiser steps when ``steps > 0``; ``sampling_balance``
+    > 0 draws batches with replacement, mixing instance- and class-balanced sampling
+    (``common.sampling``)."""
 
     epochs: int = 1
+    steps: int = 0
+    sampling_balance: float = 0.0
     batch_size: int = 32
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
@@ -104,14 +110,38 @@ def gather_batch(images: torch.Tensor, index: torch.Tensor, device: torch.device
     return images[index].to(device, non_blocking=True)
 
 
+def batch_schedule(labels: torch.Tensor, settings: TrainSettings,
+                   generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Image indices (steps, batch size) of each pass of a local fit, drawn with ``generator``
+    on ``labels``' device: ``settings.steps`` batches in one pass, or ``settings.epochs``
+    passes of ``N // batch size`` batches (each a shuffled epoch, the ragged last batch
+    dropped: a batch of one breaks BatchNorm and skews the loss). With a sampling balance, or
+    a fixed number of steps, batches are drawn with replacement (``common.sampling``)."""
+    n = len(labels)
+    batch_size = min(settings.batch_size, n)
+    if settings.steps:
+        yield balanced_batches(labels, settings.steps, batch_size, generator,
+                               settings.sampling_balance)
+        return
+    for _ in range(settings.epochs):
+        if settings.sampling_balance:
+            yield balanced_batches(labels, n // batch_size, batch_size, generator,
+                                   settings.sampling_balance)
+        else:
+            order = torch.randperm(n, generator=generator)
+            yield order[:n // batch_size * batch_size].view(-1, batch_size)
+
+
 def train_local(model: nn.Module, images: torch.Tensor, labels: np.ndarray, loss_fn: nn.Module,
                 settings: TrainSettings, augmenter: Augmenter, device: torch.device,
                 on_epoch: Callable[[int, float], None] | None = None) -> dict[str, float]:
-    """Train ``model`` in place for ``settings.epochs`` epochs; returns mean loss and throughput.
+    """Train ``model`` in place for the passes of :func:`batch_schedule`; returns mean loss,
+    throughput and the optimiser steps taken.
 
     ``images`` are placed (``common.model_input.ModelInput.place``). With ``proximal_mu > 0``
     the FedProx term ``mu/2 * ||w - w_start||^2`` keeps the weights near those the call
-    started from. The host waits for the device once per epoch (the loss), never per step.
+    started from. The host waits for the device once per pass (the loss), never per step;
+    ``on_epoch(pass, loss)``.
     """
     model.train()
     network = prepare_model(model, device, settings.compile)
@@ -126,29 +156,26 @@ def train_local(model: nn.Module, images: torch.Tensor, labels: np.ndarray, loss
 
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     order_generator = torch.Generator().manual_seed(settings.seed)
-    n = len(targets)
-    batch_size = min(settings.batch_size, n)
-    total_loss, seen, started = 0.0, 0, time.perf_counter()
-    for epoch in range(settings.epochs):
+    total_loss, seen, steps, started = 0.0, 0, 0, time.perf_counter()
+    schedule = batch_schedule(torch.as_tensor(labels, dtype=torch.int64), settings,
+                              order_generator)
+    for epoch, batches in enumerate(schedule):
         epoch_loss = torch.zeros((), device=device)
-        # The epoch's order is copied to the device once, not one index tensor per step.
-        order = torch.randperm(n, generator=order_generator)
-        image_order, target_order = order.to(images.device), order.to(device)
-        # Drop the ragged last batch: a batch of one breaks BatchNorm and skews the loss.
-        for start in range(0, n - batch_size + 1, batch_size):
-            batch = gather_batch(images, image_order[start:start + batch_size], device)
-            loss = train_step(network, augmenter(batch, generator),
-                              targets[target_order[start:start + batch_size]], loss_fn,
-                              optimizer, device, proximal_term if anchor else None)
-            epoch_loss += loss * batch_size
-        steps = n // batch_size * batch_size
+        # The pass's indices are copied to the device once, not one index tensor per step.
+        image_batches, target_batches = batches.to(images.device), batches.to(device)
+        for image_index, target_index in zip(image_batches, target_batches, strict=True):
+            batch = gather_batch(images, image_index, device)
+            loss = train_step(network, augmenter(batch, generator), targets[target_index],
+                              loss_fn, optimizer, device, proximal_term if anchor else None)
+            epoch_loss += loss * len(target_index)
         total_loss += float(epoch_loss)
-        seen += steps
+        seen += batches.numel()
+        steps += len(batches)
         if on_epoch:
-            on_epoch(epoch, float(epoch_loss) / max(steps, 1))
+            on_epoch(epoch, float(epoch_loss) / max(batches.numel(), 1))
     elapsed = time.perf_counter() - started
     return {"train_loss": total_loss / max(seen, 1), "images_per_second": seen / elapsed,
-            "train_seconds": elapsed}
+            "train_seconds": elapsed, "local_steps": steps}
 
 
 @torch.no_grad()

@@ -83,7 +83,8 @@ def save_weights(path: Path, state: dict[str, np.ndarray], metadata: dict | None
     from safetensors.numpy import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(path),
+    # np.require keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d).
+    save_file({k: np.require(v, requirements="C") for k, v in state.items()}, str(path),
               metadata={"cytofed": json.dumps(metadata or {})})
     return path
 

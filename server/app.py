@@ -9,6 +9,7 @@ site scores the selected model on its test split, reported beside the held-out c
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -17,10 +18,12 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from common.averaging import ExportedModels
 from common.config import parse_run_config, resolve_centres, training_centres
 from common.methods import create_method
 from common.pipeline import new_model
 from common.privacy import untrained_keys
+from common.stain_sharing import pack_pool
 from common.weights import model_state
 from server.calibration import end_of_run
 from server.federation import RoundResult, exchange, run_rounds
@@ -28,6 +31,7 @@ from server.held_out import open_held_out
 from server.privacy import LEDGER_FILE, PrivacyLedger, private_updates
 from server.production import refuse_synthetic_in_production
 from server.recorder import RunRecorder
+from server.stain_sharing import share_stain_styles
 from server.strategies import create_strategy, record_to_state, state_to_record
 
 app = ServerApp()
@@ -57,30 +61,50 @@ def main(grid: Grid, context: Context) -> None:
         print(f"[cytofed] resuming {recorder.path} after round {recorder.completed}",
               flush=True)
 
-    def global_model(arrays: ArrayRecord) -> ArrayRecord:
-        return state_to_record(method.global_model(record_to_state(arrays)))
+    exported_models = ExportedModels(config.average_last_rounds, recorder.path,
+                                     recorder.completed)
 
-    def evaluate(server_round: int, arrays: ArrayRecord,
-                 temperature: float = 1.0) -> dict[str, dict | None]:
-        return held_out.evaluate(server_round, model, arrays, temperature)
+    def global_model(arrays: ArrayRecord) -> ArrayRecord:
+        return state_to_record(exported_models.preview(method.global_model(
+            record_to_state(arrays))))
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> dict[str, dict | None]:
+        if not recorder.scores_held_out(server_round):
+            return {"held_out": None, "held_out_bn_adapted": None}
+        return held_out.evaluate(server_round, model, arrays)
 
     def finish_round(result: RoundResult, arrays: ArrayRecord, exported: ArrayRecord) -> None:
         record = {**result.to_dict(), **({"privacy": dp.round_privacy()} if dp else {})}
+        if record["held_out"] is None and recorder.scores_held_out(result.round,
+                                                                   result.validation):
+            started = time.perf_counter()  # the round becomes the selected one
+            record.update(held_out.evaluate(result.round, model, exported))
+            record["held_out_seconds"] = time.perf_counter() - started
+            record["seconds"] += record["held_out_seconds"]
+        exported_models.commit(result.round, method.global_model(record_to_state(arrays)))
         recorder.complete_round(record, record_to_state(arrays), record_to_state(exported))
 
     train_config = ConfigRecord({})
+    extras = {}
     if config.class_prior == "federated":
         counts = federated_class_counts(grid, len(held_out.classes), config.round_timeout)
         if counts is not None:
             train_config["federated-counts"] = counts.tolist()
+    if config.stain_sharing:
+        styles, extras["stain_sharing"] = share_stain_styles(grid, config.round_timeout)
+        if styles:
+            train_config.update(pack_pool(styles))
     final = run_rounds(dp or strategy, grid, state_to_record(state), recorder.completed + 1,
                        config.num_server_rounds, train_config, global_model, evaluate,
                        finish_round, config.round_timeout)
     best = state_to_record(recorder.best_state())
     end = end_of_run(dp or strategy, grid, best, config.num_server_rounds, config.round_timeout,
-                     lambda temperature: evaluate(recorder.best_round, best, temperature))
-    recorder.finish(record_to_state(global_model(final)), end,
-                    {"privacy": dp.privacy_report()} if dp else None)
+                     lambda temperature: held_out.evaluate(recorder.best_round, model, best,
+                                                           temperature))
+    if dp:
+        extras["privacy"] = dp.privacy_report()
+    recorder.finish(exported_models.current(method.global_model(record_to_state(final))),
+                    end, extras)
 
 
 def federated_class_counts(grid: Grid, num_classes: int,

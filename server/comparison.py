@@ -8,14 +8,17 @@ A row is what a LOCO sweep writes to ``loco.json`` (a list of rows, or ``{"rows"
 
 ``method`` is a strategy or a baseline such as ``pooled`` or ``local``. Optional:
 ``bn_adapted_macro_f1_mean`` (after test-time BatchNorm adaptation, or None), ``label``
-(replaces "method / loss" in tables and charts) and ``variant`` (what sets the row apart). Run
-reports become rows with :func:`rows_from_reports`.
+(replaces "method / loss" in tables and charts), ``variant`` (what sets the row apart),
+``macro_f1_interval`` (a bootstrap interval, ``common.bootstrap.macro_f1_interval``: drawn in
+the ablation figure) and ``not_uncertain_share``/``not_uncertain_accuracy``. Run reports become
+rows with :func:`rows_from_reports`.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +99,50 @@ def _label(row: dict) -> str:
     return row.get("label") or f"{row['method']} / {row['loss']}"
 
 
+def sweep_notes(header: dict) -> list[str]:
+    """What a LOCO sweep's header says about how its results were obtained."""
+    notes = []
+    if header.get("recipe_chosen_on"):
+        notes.append(f"The recipe was chosen on {header['recipe_chosen_on']}.")
+    if header.get("command"):
+        notes.append(f"Command: {header['command']} (on {header.get('machine', '?')}, "
+                     f"{header.get('date', '?')}).")
+    return notes
+
+
+def read_loco_notes(path: Path) -> list[str]:
+    """:func:`sweep_notes` of a sweep's ``loco.json`` (none for a bare list of rows)."""
+    data = json.loads(Path(path).read_text())
+    return sweep_notes(data.get("header", {})) if isinstance(data, dict) else []
+
+
+def plot_ablation(rows: list[dict], path: Path) -> Path:
+    """Macro-F1 of each row with its bootstrap interval, one marker per held-out centre: a
+    lever on and off reads as two rows."""
+    labels = list(dict.fromkeys(_label(r) for r in rows))
+    centres = list(dict.fromkeys(r["held_out"] for r in rows))
+    fig, ax = new_axes(6.5, 0.45 * len(labels) * max(1, len(centres)) ** 0.5 + 1.6)
+    step = 0.7 / max(len(centres), 1)
+    for index, centre in enumerate(centres):
+        mine = {_label(r): r for r in rows if r["held_out"] == centre}
+        y = [i + (index - (len(centres) - 1) / 2) * step for i, label in enumerate(labels)
+             if label in mine]
+        shown = [mine[label] for label in labels if label in mine]
+        points = [(r.get("macro_f1_interval") or {}).get("macro_f1", r["macro_f1_mean"])
+                  for r in shown]
+        errors = np.array([[p - r["macro_f1_interval"]["low"], r["macro_f1_interval"]["high"] - p]
+                           if r.get("macro_f1_interval") else [0.0, 0.0]
+                           for p, r in zip(points, shown, strict=True)]).T
+        ax.errorbar(points, y, xerr=errors, fmt="o", capsize=3, label=centre)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlim=(0, 1), xlabel="held-out macro-F1 (seeds pooled, 95% bootstrap interval)",
+           title="Ablation: each row on every held-out centre")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8, title="held out", title_fontsize=8)
+    return save_figure(fig, path)
+
+
 def plot_centre(rows: list[dict], centre: str, path: Path) -> Path:
     """Macro-F1 (mean, std as error bar) and balanced accuracy per method on one centre."""
     fig, ax = new_axes(max(4.5, 1.3 * len(rows) + 2), 3.6)
@@ -112,24 +159,43 @@ def plot_centre(rows: list[dict], centre: str, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def comparison_document(rows: list[dict], out_dir: Path) -> Document:
-    """The comparison of ``rows``, drawing one bar chart per held-out centre into ``out_dir``."""
+def _interval_cell(row: dict) -> str:
+    interval = row.get("macro_f1_interval")
+    return "n/a" if not interval else f"{interval['low']:.3f}-{interval['high']:.3f}"
+
+
+def comparison_document(rows: list[dict], out_dir: Path,
+                        notes: Sequence[str] = ()) -> Document:
+    """The comparison of ``rows``, drawing one bar chart per held-out centre and, when rows
+    carry bootstrap intervals, the ablation figure into ``out_dir``; ``notes``: paragraphs on
+    how the rows were obtained (a sweep's command and how its recipe was chosen)."""
     centres = list(dict.fromkeys(r["held_out"] for r in rows))
     adapted = any(r.get("bn_adapted_macro_f1_mean") is not None for r in rows)
+    intervals = any(r.get("macro_f1_interval") for r in rows)
+    confident = any(r.get("not_uncertain_share") is not None for r in rows)
     summary = Table(("held-out centre", "method / loss", "macro-F1 mean ± std",
-                     *(("BN-adapted macro-F1",) * adapted), "balanced accuracy", "runs"),
+                     *(("95% CI (seeds pooled)",) * intervals),
+                     *(("BN-adapted macro-F1",) * adapted), "balanced accuracy",
+                     *(("not uncertain", "accuracy there") * confident), "runs"),
                     [(r["held_out"], _label(r), f"{r['macro_f1_mean']:.3f} ± "
                       f"{r['macro_f1_std']:.3f}",
+                      *((_interval_cell(r),) * intervals),
                       *((fmt(r.get("bn_adapted_macro_f1_mean")),) * adapted),
-                      f"{r['balanced_accuracy_mean']:.3f}", str(len(r["run_dirs"])))
+                      f"{r['balanced_accuracy_mean']:.3f}",
+                      *((fmt(r.get("not_uncertain_share")),
+                         fmt(r.get("not_uncertain_accuracy"))) * confident),
+                      str(len(r["run_dirs"])))
                      for r in rows])
     variants = Table(("method / loss", "settings", "runs"), [
         (_label(r), r["variant"], ", ".join(Path(d).name for d in r["run_dirs"]))
         for r in rows if r.get("variant")], caption="variants")
-    sections = [Section("All results", ("Final-round metrics on each held-out centre, which "
-                                        "never trained; mean and (sample) standard deviation "
-                                        "over runs.",),
-                        (summary, variants) if variants.rows else (summary,))]
+    sections = [Section("All results", (*notes, "Metrics on each held-out centre, which never "
+                                        "trained; mean and (sample) standard deviation over "
+                                        "runs."),
+                        (summary, variants) if variants.rows else (summary,),
+                        (Plot(plot_ablation(rows, out_dir / "ablation.png"),
+                              "ablation: macro-F1 and 95% bootstrap interval per row"),)
+                        if intervals else ())]
     highlights = []
     for centre in centres:
         mine = [r for r in rows if r["held_out"] == centre]
@@ -148,12 +214,13 @@ def comparison_document(rows: list[dict], out_dir: Path) -> Document:
     return Document("cytofed comparison", subtitle, sections, highlights)
 
 
-def render_comparison(rows: list[dict], out_dir: Path) -> Path:
-    """Write comparison.html, comparison.md, comparison.json and the bar charts into
-    ``out_dir``; returns the HTML path."""
+def render_comparison(rows: list[dict], out_dir: Path, notes: Sequence[str] = ()) -> Path:
+    """Write comparison.html, comparison.md, comparison.json and the figures into ``out_dir``;
+    returns the HTML path."""
     if not rows:
         raise ValueError("nothing to compare: no runs or sweep rows")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "comparison.json").write_text(json.dumps({"rows": rows}, indent=2))
-    return write_document(comparison_document(rows, out_dir), out_dir, "comparison")
+    (out_dir / "comparison.json").write_text(json.dumps({"notes": list(notes), "rows": rows},
+                                                        indent=2))
+    return write_document(comparison_document(rows, out_dir, notes), out_dir, "comparison")

@@ -59,6 +59,7 @@ COVERS = ("the trained weights of every global model the server released (sent t
 NOT_COVERED = ("BatchNorm running statistics (averaged over the accepted sites in clear)",
                "training and validation metrics, example counts, update sizes and timings",
                "class counts of the sites whose centre shares them",
+               "stain statistics of the sites whose centre shares them (stain-sharing)",
                "the sites' validation confidence histograms",
                "the sites' validation NLL curves over the temperature grid",
                "which sites answered, failed or were rejected")

@@ -37,12 +37,13 @@ TEMPERATURE_SELECTED_BY = (f"the training sites' validation NLL summed over {len
 @dataclass
 class RoundResult:
     """What one round produced; ``held_out`` holds the server-side held-out metrics and
-    ``held_out_bn_adapted`` those after test-time BatchNorm adaptation (None when not run)."""
+    ``held_out_bn_adapted`` those after test-time BatchNorm adaptation (None when not run;
+    both None in a round that did not score the held-out centre, see ``held-out-every``)."""
 
     round: int
     train: dict[str, float]
     validation: dict
-    held_out: dict
+    held_out: dict | None
     seconds: float
     sampled: int
     replied: int
@@ -151,6 +152,17 @@ class RunRecorder:
     def best_round(self) -> int:
         """The round the selection rule picks so far."""
         return selection.best_round(self.rounds)["round"]
+    def scores_held_out(self, server_round: int, validation: dict | None = None) -> bool:
+        """Whether round ``server_round`` scores the held-out centre: every ``held-out-every``
+        rounds, at the last round and, given the round's ``validation``, when that makes it
+        the selected round so far (so the exported model always has a held-out score)."""
+        if (server_round % self.config.held_out_every == 0
+                or server_round == self.config.num_server_rounds):
+            return True
+        if validation is None:
+            return False
+        candidate = {"round": server_round, "validation": validation}
+        return selection.best_round([*self.rounds, candidate]) is candidate
 
     def best_state(self) -> dict[str, np.ndarray]:
         """The weights of the selected round (``best.safetensors``)."""
@@ -229,9 +241,10 @@ def calibration_line(report: dict) -> str:
 def progress_line(record: dict, num_rounds: int) -> str:
     """The line a run prints when a round ends."""
     adapted = record.get("held_out_bn_adapted")
+    held_out = (f"held-out macro-F1 {record['held_out']['macro_f1']:.3f}" if record["held_out"]
+                else "held-out not scored this round")
     return (f"[cytofed] round {record['round']}/{num_rounds}: "
             f"train loss {record['train'].get('train_loss', float('nan')):.4f}, "
             f"sites' val macro-F1 {record['validation'].get('val_macro_f1', float('nan')):.3f}, "
-            f"held-out macro-F1 {record['held_out']['macro_f1']:.3f}"
-            + (f" (BN-adapted {adapted['macro_f1']:.3f})" if adapted else "")
+            + held_out + (f" (BN-adapted {adapted['macro_f1']:.3f})" if adapted else "")
             + f" ({record['replied']}/{record['sampled']} sites, {record['seconds']:.1f}s)")

@@ -5,7 +5,9 @@ selected model in distribution (the training centres' test splits) against the h
 (the ID-vs-OOD gap), F1 over rounds, calibration (the temperature picked from the training
 sites' validation NLL, the exported model's ECE and reliability diagram at it, its
 ``uncertain`` threshold), each centre's class counts as its site reported them
-(aggregates only), dropped or rejected clients, the exported model and the run config.
+(aggregates only), the stain statistics the sites shared (``stain-sharing``), dropped or
+rejected clients, the exported model and the run config. Rounds that did not score the
+held-out centre (``held-out-every``) show n/a.
 ``cytofed report RUN_DIR...`` rewrites them from report.json and, given several runs or a LOCO
 sweep folder, compares them (see ``server.comparison``).
 """
@@ -20,7 +22,12 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from server.comparison import read_loco_rows, render_comparison, rows_from_reports
+from server.comparison import (
+    read_loco_notes,
+    read_loco_rows,
+    render_comparison,
+    rows_from_reports,
+)
 from server.export import applied_held_out
 from server.html_report import (
     Document,
@@ -39,12 +46,16 @@ METRICS = (("macro_f1", "macro-F1"), ("balanced_accuracy", "balanced accuracy"),
 
 
 def plot_f1_over_rounds(rounds: list[dict], path: Path) -> Path:
-    """Held-out macro-F1 (plain and BN-adapted, if any) and sites' validation macro-F1."""
+    """Held-out macro-F1 (plain and BN-adapted, if any) at the rounds that scored it, and the
+    sites' validation macro-F1 at every round."""
     fig, ax = new_axes(6, 3.5)
     x = [r["round"] for r in rounds]
-    ax.plot(x, [r["held_out"]["macro_f1"] for r in rounds], marker="o", label="held-out centre")
-    if all(r.get("held_out_bn_adapted") for r in rounds):
-        ax.plot(x, [r["held_out_bn_adapted"]["macro_f1"] for r in rounds], marker="^",
+    scored = [r for r in rounds if r["held_out"]]
+    ax.plot([r["round"] for r in scored], [r["held_out"]["macro_f1"] for r in scored],
+            marker="o", label="held-out centre")
+    if all(r.get("held_out_bn_adapted") for r in scored):
+        ax.plot([r["round"] for r in scored],
+                [r["held_out_bn_adapted"]["macro_f1"] for r in scored], marker="^",
                 label="held-out, BN-adapted")
     val = [r["validation"].get("val_macro_f1") for r in rounds]
     if any(v is not None for v in val):
@@ -199,13 +210,18 @@ def _in_distribution_section(report: dict, run_dir: Path) -> Section:
 
 def _rounds_section(report: dict, run_dir: Path) -> Section:
     rows = [(str(r["round"]), fmt(r["train"].get("train_loss"), 4),
-             fmt(r["validation"].get("val_macro_f1")), fmt(r["held_out"]["macro_f1"]),
-             fmt(r["held_out"]["balanced_accuracy"]), fmt(r["held_out"]["ece"]),
+             fmt(r["validation"].get("val_macro_f1")),
+             *(fmt((r["held_out"] or {}).get(key))
+               for key in ("macro_f1", "balanced_accuracy", "ece")),
              f"{r['replied']}/{r['sampled']}", f"{r['seconds']:.1f}")
             for r in report["rounds"]]
     table = Table(("round", "train loss", "sites' val macro-F1", "held-out macro-F1",
                    "held-out bal. acc.", "held-out ECE", "sites", "seconds"), rows)
-    return Section("F1 over rounds", (), (table,),
+    every = report["config"].get("held-out-every", 1)
+    paragraphs = (f"The held-out centre is scored every {every} rounds, at the last round and "
+                  "at each round that became the selected one (held-out-every); other rounds "
+                  "show n/a.",) if every > 1 else ()
+    return Section("F1 over rounds", paragraphs, (table,),
                    (Plot(run_dir / "f1_over_rounds.png", "macro-F1 per round"),))
 
 
@@ -270,6 +286,35 @@ def _centres_section(report: dict) -> Section:
         paragraphs.append(f"No class counts reported by: {', '.join(missing)}.")
     return Section("Centres", tuple(paragraphs),
                    (Table(("centre", *classes, "total"), rows),))
+
+
+def _stain_sharing_section(report: dict) -> Section:
+    sharing = report["stain_sharing"]
+
+    def numbers(values: list[float]) -> str:
+        return ", ".join(f"{v:.3f}" for v in values)
+
+    shared = Table(("centre", "haematoxylin OD vector", "eosin OD vector",
+                    "99th-percentile concentrations", "CIELAB mean", "CIELAB std"),
+                   [(centre, numbers(style["stain_matrix"][:3]),
+                     numbers(style["stain_matrix"][3:]), numbers(style["max_concentrations"]),
+                     numbers(style["lab_mean"]), numbers(style["lab_std"]))
+                    for centre, style in sharing["shared"].items()], caption="shared")
+    others = Table(("centre", "node", "outcome", "reason"), [
+        (item["centre"], str(item["node_id"]), kind, item["reason"])
+        for kind in ("declined", "rejected") for item in sharing[kind]],
+        caption="declined or rejected")
+    paragraphs = [
+        "Before round 1 each training site whose centre file allows it (share_stain = true) "
+        "sent the stain statistics of its training images, numbers only: its haematoxylin and "
+        "eosin optical-density vectors (R, G, B), their 99th-percentile concentrations and the "
+        "CIELAB mean and spread of its pixels. The server checked and pooled them and sent the "
+        "pool to every site, which re-stained its training batches towards the other sites' "
+        "styles on its own device."]
+    if not sharing["shared"]:
+        paragraphs.append("No site shared its stain statistics: nothing was re-stained.")
+    return Section("Stain-style sharing", tuple(paragraphs),
+                   (shared, others) if others.rows else (shared,))
 
 
 def _clients_section(report: dict) -> Section:
@@ -353,6 +398,7 @@ def run_document(report: dict, run_dir: Path) -> Document:
            if report["best"].get("in_distribution_test") else []),
          _rounds_section(report, run_dir),
          _calibration_section(report, run_dir), _centres_section(report),
+         *([_stain_sharing_section(report)] if report.get("stain_sharing") else []),
          _clients_section(report),
          *([_privacy_section(report)] if report.get("privacy") else []),
          _model_section(report, run_dir),
@@ -379,10 +425,11 @@ def write_report(run_dir: Path, report: dict) -> Path:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    reports, rows = [], []
+    reports, rows, notes = [], [], []
     for run_dir in args.run_dirs:
         if (run_dir / "loco.json").is_file():
             rows += read_loco_rows(run_dir / "loco.json")
+            notes += read_loco_notes(run_dir / "loco.json")
         elif (run_dir / "report.json").is_file():
             report = json.loads((run_dir / "report.json").read_text())
             write_report(run_dir, report)
@@ -392,7 +439,7 @@ def _run_report(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{run_dir}: holds neither report.json nor loco.json")
     if len(args.run_dirs) > 1 or rows:
         out = args.out or Path(os.path.commonpath([p.resolve() for p in args.run_dirs]))
-        print(render_comparison(rows_from_reports(reports) + rows, out))
+        print(render_comparison(rows_from_reports(reports) + rows, out, notes))
     return 0
 
 

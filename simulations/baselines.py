@@ -4,8 +4,11 @@
 privacy forbids); ``local`` one model per training centre on its own split (the method's
 ``partitions``, see ``common.methods``). Like a federated run they train
 ``num-server-rounds`` x ``local-epochs`` epochs, one :func:`common.pipeline.fit` call per
-round, validate on their centres' validation splits, score the held-out centre every round, and
-record through ``server.recorder.RunRecorder``: the same progress line per round, the same run
+round (with ``local-steps``: that many steps per round per training centre pooled, so a pooled
+model takes as many steps as all the federation's sites together), validate on their centres'
+validation splits, score the held-out centre when a federated run would (``held-out-every``),
+export the same average of the last rounds' models (``average-last-rounds``) and record
+through ``server.recorder.RunRecorder``: the same progress line per round, the same run
 directory (report, figures, best/final weights, model card, checkpoints), the same selection
 rule (``common.selection.best_round``), the same temperature scaling (each centre's validation
 NLL curve, summed) and the same in-distribution test on their centres' test splits at that
@@ -14,6 +17,7 @@ temperature. No Flower import.
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.averaging import ExportedModels
 from common.calibration import pick_temperature
 from common.config import RunConfig, resolve_centres, training_centres
 from common.data import CentreData
@@ -86,26 +91,33 @@ def train_partition(config: RunConfig, sites: dict[str, dict[str, CentreData]],
               **{name: place(s["val"], config) for name, s in sites.items()}}
     clients = [{"centre": name, "class-counts": s["train"].class_counts().tolist()}
                for name, s in sites.items()]
+    exported_models = ExportedModels(config.average_last_rounds, recorder.path,
+                                     recorder.completed)
     for server_round in range(recorder.completed + 1, config.num_server_rounds + 1):
         started = time.perf_counter()
         metrics = fit(model, train, config, train.class_counts(),
                       progress=server_round / config.num_server_rounds,
                       seed=round_seed(config.seed, server_round, train.name),
-                      images=images["train"])
+                      images=images["train"], centres=len(sites))
+        state = model_state(model)
+        exported = exported_models.preview(state)
+        scored = model if exported is state else with_state(model, exported)
         validation = combine_site_reports([
-            site_report("val", score_as_applied(model, s["val"], config, images[name]),
+            site_report("val", score_as_applied(scored, s["val"], config, images[name]),
                         len(train.classes)) for name, s in sites.items()])
         held_out_started = time.perf_counter()
-        scored = score_held_out(model, held_out, config, images["held_out"])
+        held_out_scores = {"held_out": None, "held_out_bn_adapted": None}
+        if recorder.scores_held_out(server_round, validation):
+            held_out_scores = score_held_out(scored, held_out, config, images["held_out"])
         finished = time.perf_counter()
-        state = model_state(model)
         result = RoundResult(
-            round=server_round, train=metrics, validation=validation, **scored,
+            round=server_round, train=metrics, validation=validation, **held_out_scores,
             seconds=finished - started, sampled=len(sites), replied=len(sites),
             clients=clients,
             held_out_seconds=finished - held_out_started)
-        recorder.complete_round(result.to_dict(), state, state)
-    final = model_state(model)
+        exported_models.commit(server_round, state)
+        recorder.complete_round(result.to_dict(), state, dict(exported))
+    final = exported_models.current(model_state(model))
     load_state(model, recorder.best_state())
     return recorder.finish(final, at_temperature(model, sites, held_out, config, images))
 
@@ -128,3 +140,10 @@ def at_temperature(model: nn.Module, sites: dict[str, dict[str, CentreData]],
 
     return EndOfRun(temperature, curves, reports("val"), reports("test"),
                     score_held_out(model, held_out, config, images["held_out"], temperature))
+
+
+def with_state(model: nn.Module, state: dict[str, np.ndarray]) -> nn.Module:
+    """A copy of ``model`` holding the weights ``state``."""
+    copied = copy.deepcopy(model)
+    load_state(copied, state)
+    return copied

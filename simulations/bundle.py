@@ -41,7 +41,8 @@ def _encode(image: np.ndarray) -> bytes:
 def _centre_toml(spec: CentreSpec) -> str:
     return (f'[[centre]]\nname = "{spec.name}"\npath = "{spec.name}/{MANIFEST}"\n'
             f'format = "manifest"\ntaxonomy = "{spec.taxonomy}"\n'
-            f"split_seed = {spec.split_seed}\nshare_counts = {str(spec.share_counts).lower()}\n")
+            f"split_seed = {spec.split_seed}\nshare_counts = {str(spec.share_counts).lower()}\n"
+            f"share_stain = {str(spec.share_stain).lower()}\n")
 
 
 def pack(centres_file: Path, bundle: Path, image_size: int, cache_dir: Path) -> int:

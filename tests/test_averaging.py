@@ -76,3 +76,27 @@ def test_averaged_global_models_load_and_average_a_linear_head() -> None:
         heads.append(head(features))
     torch.testing.assert_close(model[3](features), torch.stack(heads).mean(dim=0))
     assert torch.isfinite(model.eval()(torch.randn(2, 3, 6, 6))).all()
+
+
+def test_exported_models_average_the_window_and_a_resumed_run_restores_it(tmp_path) -> None:
+    from common.averaging import WINDOW_FILE, ExportedModels
+
+    models = ExportedModels(3, tmp_path)
+    for server_round, value in enumerate((1.0, 2.0, 4.0, 8.0), start=1):
+        exported = models.preview(state(value, server_round))
+        expected = np.mean([1.0, 2.0, 4.0, 8.0][max(0, server_round - 3):server_round])
+        np.testing.assert_allclose(exported["w"], expected)
+        models.commit(server_round, state(value, server_round))
+    np.testing.assert_allclose(models.current(state(8.0, 4))["w"], (2 + 4 + 8) / 3)
+    assert (tmp_path / WINDOW_FILE).is_file()
+    # A run that crashed after committing round 4 but before recording it resumes after 3.
+    resumed = ExportedModels(3, tmp_path, completed=3)
+    assert list(resumed.rounds) == [2, 3]  # round 1 had left the window, round 4 is dropped
+    np.testing.assert_allclose(resumed.preview(state(16.0, 4))["w"], (2 + 4 + 16) / 3)
+    assert resumed.preview(state(16.0, 4))["bn.num_batches_tracked"] == 4
+    # Off: the global model itself, and nothing is written.
+    off = ExportedModels(0, tmp_path / "off")
+    plain = state(5.0, 1)
+    assert off.preview(plain) is plain and off.current(plain) is plain
+    off.commit(1, plain)
+    assert not (tmp_path / "off").exists()

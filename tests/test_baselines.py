@@ -144,3 +144,26 @@ def test_bn_adapted_results_are_reported_apart(overrides, adapted):
     assert set(results) == {"held_out", "held_out_bn_adapted"}
     assert (results["held_out_bn_adapted"] is not None) == adapted
     assert all(np.array_equal(before[k], v.cpu()) for k, v in model.state_dict().items())
+
+
+def test_pooled_takes_every_centres_steps_and_exports_the_average_of_the_last_rounds(
+        tiny, monkeypatch):
+    from common.weights import load_weights
+    from server.recorder import RunRecorder
+
+    plain = {}
+    real = RunRecorder.complete_round
+    monkeypatch.setattr(RunRecorder, "complete_round", lambda self, record, state, exported: (
+        plain.__setitem__(record["round"], (state, exported)),
+        real(self, record, state, exported))[1])
+    [path] = run_centralised(parse_run_config({
+        **tiny, "strategy": "pooled", "local-steps": 2, "batch-size": 8,
+        "average-last-rounds": 2}))
+    report = json.loads(path.read_text())
+    # Three training centres pooled: three sites' fixed steps per round.
+    assert [r["train"]["local_steps"] for r in report["rounds"]] == [6, 6]
+    averaged = {k: (plain[1][0][k] + plain[2][0][k]) / 2 for k in plain[2][0]}
+    for key, value in load_weights(path.parent / "final.safetensors")[0].items():
+        np.testing.assert_allclose(value, averaged[key], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(plain[2][1][key], averaged[key], rtol=1e-5, atol=1e-7)
+    assert not np.allclose(plain[2][0]["fc.weight"], plain[1][0]["fc.weight"])

@@ -34,9 +34,11 @@ def test_centre_file_with_defaults_and_a_path_relative_to_it(tmp_path):
     spec = read_centre(write(tmp_path / "sites" / "a.toml", 'name = "a"\npath = "../data"\n'))
     assert spec == CentreSpec(name="a", path=tmp_path / "sites" / ".." / "data")
     full = read_centre(write(tmp_path / "b.toml", 'name = "b"\npath = "x"\nformat = "pbc"\n'
-                             'taxonomy = "wbc13"\nsplit_seed = 3\nshare_counts = false\n'))
+                             'taxonomy = "wbc13"\nsplit_seed = 3\nshare_counts = false\n'
+                             'share_stain = true\n'))
     assert (full.format, full.taxonomy, full.split_seed, full.share_counts) == (
         "pbc", "wbc13", 3, False)
+    assert full.share_stain and not spec.share_stain  # stain statistics: shared only if allowed
 
 
 @pytest.mark.parametrize(("body", "message"), [
@@ -44,6 +46,7 @@ def test_centre_file_with_defaults_and_a_path_relative_to_it(tmp_path):
     ('name = "a"\npath = "x"\nsplit_seed = "0"\n', "field 'split_seed' must be an integer"),
     ('name = "a"\npath = "x"\nsplit_seed = true\n', "field 'split_seed' must be an integer"),
     ('name = "a"\npath = 3\n', "field 'path' must be a string"),
+    ('name = "a"\npath = "x"\nshare_stain = "yes"\n', "field 'share_stain' must be true or"),
     ('name = "a"\n', "field 'path' is missing"),
     ('path = "x"\n', "field 'name' is missing"),
     ('name = "a"\npath = "x"\ntaxonomy = "wbc7"\n', "field 'taxonomy' is 'wbc7'"),
@@ -79,6 +82,7 @@ def test_shipped_centres_point_at_the_shared_data():
         ("barcelona", "pbc", (shared / "PBC_dataset_normal_DIB").resolve()),
         ("jiangxi", "zheng", (shared / "segmentation_WBC").resolve()),
         ("bccd", "bccd", (shared / "BCCD").resolve())]
+    assert all(c.share_stain for c in centres)  # public data: stain statistics may be shared
 
 
 def test_second_load_is_served_from_the_cache(wbc_class_folders, tmp_path, monkeypatch):

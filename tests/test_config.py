@@ -27,6 +27,12 @@ def test_pyproject_run_config_matches_the_defaults():
     ("augment", "flip,teleport", "augment"),
     ("image-size", 4, "image-size"),
     ("unknown-knob", 1, "unknown-knob"),
+    ("local-steps", -1, "local-steps"),
+    ("sampling-balance", 1.5, "sampling-balance"),
+    ("restain-probability", -0.1, "restain-probability"),
+    ("stain-sharing", "yes", "stain-sharing"),
+    ("average-last-rounds", -2, "average-last-rounds"),
+    ("held-out-every", 0, "held-out-every"),
 ])
 def test_bad_values_name_the_field(key, value, field):
     with pytest.raises(ConfigError, match=f"'{field}'") as error:
@@ -43,6 +49,7 @@ def test_held_out_centre_must_exist():
         resolve_centres(parse_run_config({"held-out": "atlantis"}))
     names = [c.name for c in resolve_centres(RunConfig())]
     assert "clinic-d" in names and len(names) == 4
+    assert all(c.share_stain for c in resolve_centres(RunConfig()))  # synthetic: may share
 
 
 def test_missing_centres_file_is_refused(tmp_path):
@@ -61,3 +68,50 @@ def test_frozen_batchnorm_needs_a_pretrained_backbone():
         parse_run_config({"norm": "frozen_batch"})
     assert parse_run_config({"norm": "frozen_batch", "pretrained": "imagenet"}).norm == (
         "frozen_batch")
+
+
+def write_recipe(tmp_path, text: str):
+    path = tmp_path / "recipe.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_a_recipe_is_loaded_under_the_explicit_keys(tmp_path):
+    recipe = write_recipe(tmp_path, 'image-size = 96\naugment = "domain_strong"\n'
+                                    "average-last-rounds = 3\n")
+    config = parse_run_config({**RunConfig().to_dict(), "recipe": recipe, "augment": "basic"})
+    assert (config.image_size, config.average_last_rounds) == (96, 3)  # from the recipe
+    assert config.augment == "basic"  # explicit: wins
+    assert config.recipe == recipe
+    # Re-reading a parsed config gives the same config (a run's recorded config, for example).
+    assert parse_run_config(config.to_dict()) == config
+
+
+def test_the_shipped_recipe_resolves_from_the_project_root():
+    config = parse_run_config({"recipe": "simulations/recipes/robust.toml"})
+    assert (config.model, config.pretrained, config.image_size) == (
+        "tf_efficientnet_lite0", "imagenet", 96)
+    assert (config.field_of_view, config.augment) == ("cell", "domain_strong")
+    assert config.local_steps > 0 and config.average_last_rounds > 0
+    text = (ROOT / "simulations/recipes/robust.toml").read_text()
+    assert "validation splits only" in text
+
+
+@pytest.mark.parametrize(("text", "field", "message"), [
+    ("magic-knob = 1\n", "magic-knob", "known fields"),
+    ("image-size = 4\n", "image-size", "between 16 and 1024"),
+    ("learning-rate = \"fast\"\n", "learning-rate", "type float"),
+    ("[table]\nkey = 1\n", "table", "flat"),
+    ('recipe = "other.toml"\n', "recipe", "nested"),
+    ("image-size = = 3\n", "recipe", "valid TOML"),
+])
+def test_a_bad_recipe_is_refused_naming_the_file(tmp_path, text, field, message):
+    recipe = write_recipe(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as error:
+        parse_run_config({"recipe": recipe})
+    assert error.value.field_name == field and "recipe.toml" in str(error.value)
+
+
+def test_a_missing_recipe_is_refused():
+    with pytest.raises(ConfigError, match=r"'recipe'.*TOML file"):
+        parse_run_config({"recipe": "simulations/recipes/none.toml"})

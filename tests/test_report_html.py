@@ -193,3 +193,29 @@ def test_report_command_rewrites_runs_and_compares_them(tmp_path, capsys):
     assert (tmp_path / "runs" / "comparison.html").is_file()
     assert str(tmp_path / "runs" / "comparison.html") in capsys.readouterr().out
     assert main(["report", str(tmp_path)]) == 2  # neither report.json nor loco.json
+
+
+def test_a_sweep_with_intervals_gets_an_ablation_figure_and_its_notes(tmp_path, capsys):
+    def row(centre: str, label: str, f1: float) -> dict:
+        return {"held_out": centre, "method": "fedavg", "loss": "ce", "label": label,
+                "variant": "average-last-rounds=0" if label == "no-swa" else "",
+                "macro_f1_mean": f1, "macro_f1_std": 0.0, "balanced_accuracy_mean": f1,
+                "per_class_f1": dict.fromkeys(CLASSES, f1), "run_dirs": ["r"],
+                "macro_f1_interval": {"macro_f1": f1, "low": f1 - 0.1, "high": f1 + 0.05,
+                                      "level": 0.95},
+                "not_uncertain_share": 0.6, "not_uncertain_accuracy": 0.95}
+
+    rows = [row(c, label, f1) for c in ("clinic-a", "clinic-b")
+            for label, f1 in (("recipe", 0.7), ("no-swa", 0.6))]
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    header = {"command": "cytofed loco --recipe robust.toml", "machine": "CPU", "date": "today",
+              "recipe_chosen_on": "the training centres' validation splits only"}
+    (sweep / "loco.json").write_text(json.dumps({"header": header, "rows": rows}))
+    assert main(["report", str(sweep), "--out", str(tmp_path / "cmp")]) == 0
+    page = parse(tmp_path / "cmp" / "comparison.html")
+    assert_embedded_pngs(page, 3)  # the ablation figure and one chart per centre
+    assert (tmp_path / "cmp" / "ablation.png").is_file()
+    markdown = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "The recipe was chosen on the training centres' validation splits only." in markdown
+    assert "0.600-0.750" in markdown and "| 0.600 | 0.950 |" in markdown

@@ -54,3 +54,10 @@ def test_safetensors_round_trip(tmp_path):
 def test_missing_weights_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nothing\.safetensors"):
         load_weights(tmp_path / "nothing.safetensors")
+
+
+def test_safetensors_keep_scalars_and_transposed_arrays(tmp_path):
+    state = {"step": np.array(7, np.int64), "t": np.arange(6, dtype=np.float32).reshape(2, 3).T}
+    loaded, _ = load_weights(save_weights(tmp_path / "w.safetensors", state))
+    assert loaded["step"].shape == () and int(loaded["step"]) == 7
+    np.testing.assert_array_equal(loaded["t"], state["t"])

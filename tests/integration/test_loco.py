@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import tomllib
 from datetime import datetime
 from pathlib import Path
 
@@ -56,3 +57,49 @@ def test_loco_smoke_writes_pooled_and_federated_rows(flower_env, tmp_path):
     assert markdown.count("## Held-out centre:") == 2
     assert "## Mean over held-out centres" in markdown
     assert (out / "comparison.html").is_file()
+
+
+def test_loco_with_the_shipped_recipe_and_two_variants(flower_env, tmp_path):
+    """`cytofed loco --recipe simulations/recipes/robust.toml --variants ...` on tiny synthetic
+    clinics: explicit flags and --run-config shrink the recipe to a CPU smoke; each variant is
+    a row with its interval; stain sharing shares the styles the centre files allow."""
+    (tmp_path / "centres.toml").write_text(
+        CENTRES.replace('format = "synthetic"\n', 'format = "synthetic"\nshare_stain = true\n'))
+    out = tmp_path / "loco"
+    command = [str(BIN / "cytofed"), "loco", "--centres", str(tmp_path / "centres.toml"),
+               "--held-out", "clinic-a", "--recipe", "simulations/recipes/robust.toml",
+               "--variants", "recipe:; restain: stain-sharing=true average-last-rounds=0",
+               "--model", "test_resnet", "--image-size", "32", "--rounds", "1",
+               "--device", "cpu", "--jobs", "2", "--out", str(out), "--run-config",
+               f"pretrained='' synthetic-images=40 local-steps=2 batch-size=8 "
+               f"cache-dir='{tmp_path / 'cache'}'"]
+    result = subprocess.run(command, cwd=ROOT, env=flower_env, capture_output=True, text=True,
+                            timeout=400)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+
+    sweep = json.loads((out / "loco.json").read_text())
+    header = sweep["header"]
+    assert header["recipe_file"].endswith("simulations/recipes/robust.toml")
+    assert "validation splits only" in header["recipe_chosen_on"]
+    assert header["recipe"]["augment"] == "domain_strong"  # from the recipe
+    assert header["recipe"]["image-size"] == 32 and header["recipe"]["pretrained"] == ""
+    rows = {r.get("variant_name", r["method"]): r for r in sweep["rows"]}
+    assert set(rows) == {"pooled", "recipe", "restain"}
+    for row in rows.values():
+        interval = row["macro_f1_interval"]
+        assert 0.0 <= interval["low"] <= interval["macro_f1"] <= interval["high"] <= 1.0
+        assert 0.0 <= row["not_uncertain_share"] <= 1.0
+    reports = {name: json.loads((Path(row["run_dirs"][0]) / "report.json").read_text())
+               for name, row in rows.items()}
+    recipe = tomllib.loads((ROOT / "simulations/recipes/robust.toml").read_text())
+    assert reports["recipe"]["config"]["average-last-rounds"] == recipe["average-last-rounds"]
+    assert reports["restain"]["config"]["average-last-rounds"] == 0  # the variant's
+    assert reports["recipe"]["config"]["field-of-view"] == "cell"
+    assert set(reports["restain"]["stain_sharing"]["shared"]) == {"clinic-b", "clinic-c"}
+    assert "stain_sharing" not in reports["recipe"]
+    assert all(c["local_steps"] == 2 for c in reports["recipe"]["rounds"][0]["clients"])
+    assert reports["pooled"]["rounds"][0]["train"]["local_steps"] == 4  # two centres pooled
+    markdown = (out / "loco.md").read_text()
+    assert "| restain | fedavg | ce |" in markdown
+    assert (out / "ablation.png").is_file()
