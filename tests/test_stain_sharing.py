@@ -90,7 +90,7 @@ def test_a_site_that_does_not_share_its_stain_sends_no_statistics(federation):
     assert all(styles.values())  # every site has a style; only two may share it
     sent = {node: [(kind, data) for n, kind, data in grid.wire if n == node]
             for node in (1, 2, 3)}
-    assert {kind for kind, _ in sent[1]} == {"query.stain_stats", "train", "evaluate"}
+    assert "query.stain_stats" in {kind for kind, _ in sent[1]}  # asked, and declined
     for _, data in sent[1]:
         values = values_sent(data)
         assert b"stain_matrix" not in data and b"lab_mean" not in data
