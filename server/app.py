@@ -27,6 +27,7 @@ from server.held_out import open_held_out
 from server.privacy import LEDGER_FILE, PrivacyLedger, private_updates
 from server.production import refuse_synthetic_in_production
 from server.recorder import RunRecorder
+from server.replies import BadReply, Expected, check_reply
 from server.strategies import create_strategy, record_to_state, state_to_record
 
 app = ServerApp()
@@ -44,7 +45,9 @@ def main(grid: Grid, context: Context) -> None:
     grid = held_out.training_grid  # without the evaluator site, which never trains
     method = create_method(config)
     model = new_model(config, len(held_out.classes))
-    strategy = create_strategy(config, method, method.sent_keys(model))
+    expected = Expected(len(held_out.classes), frozenset(training), config.held_out,
+                        config.max_site_images)
+    strategy = create_strategy(config, method, method.sent_keys(model), expected)
     dp = private_updates(strategy, config, len(training), untrained_keys(model))
     recorder = RunRecorder(config, held_out.classes, held_out_spec.taxonomy, training,
                            held_out_data=held_out.stats)
@@ -67,8 +70,9 @@ def main(grid: Grid, context: Context) -> None:
         recorder.complete_round(record, record_to_state(arrays), record_to_state(exported))
 
     train_config = ConfigRecord({})
+    rejected: list[dict] = []  # replies refused outside the rounds
     if config.class_prior == "federated":
-        counts = federated_class_counts(grid, len(held_out.classes), config.round_timeout)
+        counts = federated_class_counts(grid, expected, config.round_timeout, rejected)
         if counts is not None:
             train_config["federated-counts"] = counts.tolist()
     final = run_rounds(dp or strategy, grid, state_to_record(state), recorder.completed + 1,
@@ -76,20 +80,36 @@ def main(grid: Grid, context: Context) -> None:
                        finish_round, config.round_timeout)
     tests = score_test_splits(dp or strategy, grid, state_to_record(recorder.best_state()),
                               config.num_server_rounds, config.round_timeout)
+    rejected += [r for r in strategy.rejected if r["reply"] == "test"]
     recorder.finish(record_to_state(global_model(final)), tests,
-                    {"privacy": dp.privacy_report()} if dp else None)
+                    {"rejected_replies": rejected, **({"privacy": dp.privacy_report()} if dp
+                                                      else {})})
 
 
-def federated_class_counts(grid: Grid, num_classes: int,
-                           timeout: float) -> np.ndarray | None:
-    """Summed training class counts of all sites, or None unless every site allows sharing."""
+def federated_class_counts(grid: Grid, expected: Expected, timeout: float,
+                           rejected: list[dict]) -> np.ndarray | None:
+    """Summed training class counts of all sites, or None unless every site allows sharing
+    and sends counts that fit the run (``server.replies``: one count per class, none
+    negative, at most ``max-site-images`` in all); a reply that does not is added to
+    ``rejected``."""
     nodes = list(grid.get_node_ids())
     replies = exchange(grid, [
         Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
                 message_type="query.class_counts") for node in nodes], timeout)
-    configs = [m.content["config"] for m in replies if not m.has_error()]
+    configs = []
+    for reply in replies:
+        if reply.has_error():
+            continue
+        try:
+            configs.append(check_reply(reply, "class_counts", expected)["config"])
+        except BadReply as problem:
+            rejected.append({"node_id": reply.metadata.src_node_id, "reply": "class_counts",
+                             "reason": str(problem)})
+            print(f"[cytofed] class counts of node {reply.metadata.src_node_id} rejected: "
+                  f"{problem}", flush=True)
     if len(configs) < len(nodes) or not all(c["share-counts"] for c in configs):
-        print("[cytofed] not every site shares class counts: using local priors", flush=True)
+        print("[cytofed] not every site shares usable class counts: using local priors",
+              flush=True)
         return None
     return np.sum([np.asarray(c["counts"], dtype=np.int64) for c in configs], axis=0)
 

@@ -6,13 +6,14 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from common.config import RunConfig
 from common.methods import create_method
 from server import federation
 from server.federation import exchange, score_test_splits
 from server.strategies import create_strategy, state_to_record
+from tests.replies import EXPECTED, report_content
 
 pytestmark = pytest.mark.usefixtures("server_task")
 
@@ -92,10 +93,10 @@ class SitesGrid(DelayedGrid):
         return [1, 2]
 
     def pull_messages(self, message_ids):
-        return [Message(RecordDict({
-            "metrics": MetricRecord({"test_confusion_matrix": [1, 0, 0, 1], "num-examples": 2}),
-            "site": ConfigRecord({"centre": f"clinic-{m.metadata.dst_node_id}"})}), reply_to=m)
-            for m in self.sent if m.metadata.message_id in set(message_ids)]
+        centre = {1: "lab-a", 2: "lab-b"}
+        return [Message(report_content("test", [1, 0, 0, 1], centre[m.metadata.dst_node_id]),
+                        reply_to=m)
+                for m in self.sent if m.metadata.message_id in set(message_ids)]
 
 
 def test_every_site_scores_the_selected_model_on_its_test_split():
@@ -104,9 +105,9 @@ def test_every_site_scores_the_selected_model_on_its_test_split():
     config = RunConfig()
     weights = {"fc.bias": np.zeros(2, np.float32)}
     grid = SitesGrid()
-    strategy = create_strategy(config, create_method(config), weights)
+    strategy = create_strategy(config, create_method(config), weights, EXPECTED)
     reports = score_test_splits(strategy, grid, state_to_record(weights), 3, timeout=10)
-    assert sorted(r["centre"] for r in reports) == ["clinic-1", "clinic-2"]
+    assert sorted(r["centre"] for r in reports) == ["lab-a", "lab-b"]
     assert all(r["test_confusion_matrix"] == [1, 0, 0, 1] for r in reports)
     assert [m.metadata.message_type for m in grid.sent] == ["evaluate"] * 2
     assert all(m.content["config"]["split"] == "test" for m in grid.sent)
