@@ -67,6 +67,8 @@ class RunConfig:
     server_learning_rate: float = 0.01
     trim_fraction: float = 0.2
     min_train_nodes: int = 2
+    max_site_images: int = 1_000_000
+    max_update_norm: float = 1000.0
     wire_precision: str = "fp32"
     average_last_rounds: int = 0
     held_out: str = "clinic-d"
@@ -180,6 +182,8 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
     "server_learning_rate": (_positive, "a positive number"),
     "trim_fraction": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
     "min_train_nodes": (_positive, "a positive integer"),
+    "max_site_images": (_positive, "a positive integer"),
+    "max_update_norm": (_positive, "a positive number"),
     "wire_precision": (lambda v: v in _wire_precisions(), "'fp32', 'bf16' or 'fp16'"),
     "average_last_rounds": (_non_negative, "an integer >= 0 (0 turns weight averaging off)"),
     "held_out_evaluation": (_one_of(HELD_OUT_EVALUATIONS), f"one of {HELD_OUT_EVALUATIONS}"),

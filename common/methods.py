@@ -33,7 +33,7 @@ moments in it).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -45,20 +45,26 @@ from common.train import TrainSettings
 from common.weights import COUNTER_SUFFIX
 
 State = dict[str, np.ndarray]
+# An update as a method reads it: tensor by tensor (the server decodes each when it is read,
+# so a method that reads one tensor of every update, then the next, holds one at a time).
+Update = Mapping[str, np.ndarray]
 
 
-def weighted_mean(updates: Sequence[State], weights: Sequence[float]) -> State:
-    """Per tensor, the mean of the updates weighted by ``weights`` (computed in float64)."""
-    return {key: np.average(np.stack([u[key] for u in updates]), axis=0, weights=weights)
+def weighted_mean(updates: Sequence[Update], weights: Sequence[float]) -> State:
+    """Per tensor, the mean of the updates weighted by ``weights`` (a running sum in float64:
+    one update's tensor at a time)."""
+    total = float(np.sum(weights))
+    return {key: sum((weight / total) * np.asarray(update[key], np.float64)
+                     for update, weight in zip(updates, weights, strict=True))
             for key in updates[0]}
 
 
-def coordinate_median(updates: Sequence[State]) -> State:
+def coordinate_median(updates: Sequence[Update]) -> State:
     """Per coordinate, the median of the updates (Yin et al. 2018)."""
     return {key: np.median(np.stack([u[key] for u in updates]), axis=0) for key in updates[0]}
 
 
-def trimmed_mean(updates: Sequence[State], fraction: float) -> State:
+def trimmed_mean(updates: Sequence[Update], fraction: float) -> State:
     """Per coordinate, the mean after cutting ``fraction`` of the updates from each tail."""
     from scipy.stats import trim_mean
 
@@ -119,7 +125,7 @@ class Method:
         """Tensors a site sends (step counters never leave it)."""
         return {k for k in model.state_dict() if not k.endswith(COUNTER_SUFFIX)}
 
-    def aggregate(self, updates: Sequence[State], weights: Sequence[float], current: State,
+    def aggregate(self, updates: Sequence[Update], weights: Sequence[float], current: State,
                   server_round: int) -> State:
         """The new values of the sent tensors from the accepted ``updates`` (``weights``: the
         sites' training images; ``current``: the global values the sites started from)."""
@@ -155,7 +161,7 @@ class FedAdam(Method):
         super().__init__(config)
         self.moments: AdamMoments | None = None
 
-    def aggregate(self, updates: Sequence[State], weights: Sequence[float], current: State,
+    def aggregate(self, updates: Sequence[Update], weights: Sequence[float], current: State,
                   server_round: int) -> State:
         target = weighted_mean(updates, weights)
         stepped, self.moments = adam_step({k: current[k] for k in target}, target, self.moments,
@@ -178,7 +184,7 @@ class FedMedian(Method):
     """Coordinate-wise median of the updates (Yin et al. 2018), robust to a minority of bad
     sites."""
 
-    def aggregate(self, updates: Sequence[State], weights: Sequence[float], current: State,
+    def aggregate(self, updates: Sequence[Update], weights: Sequence[float], current: State,
                   server_round: int) -> State:
         return coordinate_median(updates)
 
@@ -187,7 +193,7 @@ class FedTrimmedAvg(Method):
     """Coordinate-wise trimmed mean (Yin et al. 2018): ``trim-fraction`` of the updates cut
     from each tail."""
 
-    def aggregate(self, updates: Sequence[State], weights: Sequence[float], current: State,
+    def aggregate(self, updates: Sequence[Update], weights: Sequence[float], current: State,
                   server_round: int) -> State:
         return trimmed_mean(updates, self.config.trim_fraction)
 

@@ -41,9 +41,11 @@ def confusion_metrics(matrix: np.ndarray | Sequence[Sequence[int]],
     Macro-F1 and balanced accuracy average over the classes present (non-empty rows: a class a
     centre never sees cannot be scored); per-class F1 is ``None`` for absent classes. The
     confusion matrix has rows = true class and columns = predicted class, in ``classes`` order.
+    Counts may be scaled (floats), as when sites are weighted (``common.selection``).
     Raises ValueError for a matrix without any example.
     """
-    matrix = np.asarray(matrix, dtype=np.int64)
+    matrix = np.asarray(matrix)
+    matrix = matrix if np.issubdtype(matrix.dtype, np.floating) else matrix.astype(np.int64)
     if matrix.shape != (len(classes), len(classes)):
         raise ValueError(f"confusion matrix of shape {matrix.shape} for {len(classes)} classes")
     if matrix.sum() == 0:
@@ -56,7 +58,7 @@ def confusion_metrics(matrix: np.ndarray | Sequence[Sequence[int]],
         "macro_f1": float(per_class[present].mean()),
         "balanced_accuracy": float(_safe_divide(true_positives, actual)[present].mean()),
         "accuracy": float(true_positives.sum() / matrix.sum()),
-        "num_examples": int(matrix.sum()),
+        "num_examples": round(float(matrix.sum())),
         "per_class_f1": {name: (float(per_class[i]) if i in present else None)
                          for i, name in enumerate(classes)},
         "confusion_matrix": matrix.tolist(),

@@ -23,14 +23,24 @@ def untrained_keys(model: nn.Module) -> set[str]:
     return {key for key in model.state_dict() if key not in trained}
 
 
+def clip_factor(state: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                clipping_norm: float, keys: Collection[str]) -> float:
+    """What scales ``state - reference`` over ``keys`` (all together, as one vector) down to
+    L2 norm ``clipping_norm`` when it is longer (1 otherwise); reads one tensor at a time."""
+    squared = 0.0
+    for key in keys:
+        difference = np.subtract(state[key], reference[key], dtype=np.float64)
+        squared += float(np.vdot(difference, difference))
+    norm = float(np.sqrt(squared))
+    return clipping_norm / norm if norm > clipping_norm else 1.0
+
+
 def clipped_update(state: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
                    clipping_norm: float, keys: Collection[str]) -> dict[str, np.ndarray]:
-    """``state - reference`` over ``keys`` in float64, scaled down to L2 norm ``clipping_norm``
-    when it is longer (all ``keys`` together, as one vector)."""
-    update = {key: np.subtract(state[key], reference[key], dtype=np.float64) for key in keys}
-    norm = float(np.sqrt(sum(float(np.vdot(value, value)) for value in update.values())))
-    scale = clipping_norm / norm if norm > clipping_norm else 1.0
-    return {key: value * scale for key, value in update.items()}
+    """``state - reference`` over ``keys`` in float64, scaled by :func:`clip_factor`."""
+    scale = clip_factor(state, reference, clipping_norm, keys)
+    return {key: np.subtract(state[key], reference[key], dtype=np.float64) * scale
+            for key in keys}
 
 
 def clip_state(state: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],

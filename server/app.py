@@ -31,6 +31,7 @@ from server.held_out import open_held_out
 from server.privacy import LEDGER_FILE, PrivacyLedger, private_updates
 from server.production import refuse_synthetic_in_production
 from server.recorder import RunRecorder
+from server.replies import BadReply, Expected, check_reply
 from server.stain_sharing import share_stain_styles
 from server.strategies import create_strategy, record_to_state, state_to_record
 
@@ -49,7 +50,9 @@ def main(grid: Grid, context: Context) -> None:
     grid = held_out.training_grid  # without the evaluator site, which never trains
     method = create_method(config)
     model = new_model(config, len(held_out.classes))
-    strategy = create_strategy(config, method, method.sent_keys(model))
+    expected = Expected(len(held_out.classes), frozenset(training), config.held_out,
+                        config.max_site_images)
+    strategy = create_strategy(config, method, method.sent_keys(model), expected)
     dp = private_updates(strategy, config, len(training), untrained_keys(model))
     recorder = RunRecorder(config, held_out.classes, held_out_spec.taxonomy, training,
                            held_out_data=held_out.stats)
@@ -86,8 +89,9 @@ def main(grid: Grid, context: Context) -> None:
 
     train_config = ConfigRecord({})
     extras = {}
+    rejected: list[dict] = []  # replies refused outside the rounds
     if config.class_prior == "federated":
-        counts = federated_class_counts(grid, len(held_out.classes), config.round_timeout)
+        counts = federated_class_counts(grid, expected, config.round_timeout, rejected)
         if counts is not None:
             train_config["federated-counts"] = counts.tolist()
     if config.stain_sharing:
@@ -98,25 +102,41 @@ def main(grid: Grid, context: Context) -> None:
                        config.num_server_rounds, train_config, global_model, evaluate,
                        finish_round, config.round_timeout)
     best = state_to_record(recorder.best_state())
+    refused_in_rounds = len(strategy.rejected)
     end = end_of_run(dp or strategy, grid, best, config.num_server_rounds, config.round_timeout,
                      lambda temperature: held_out.evaluate(recorder.best_round, model, best,
                                                            temperature))
+    extras["rejected_replies"] = rejected + strategy.rejected[refused_in_rounds:]
     if dp:
         extras["privacy"] = dp.privacy_report()
     recorder.finish(exported_models.current(method.global_model(record_to_state(final))),
                     end, extras)
 
 
-def federated_class_counts(grid: Grid, num_classes: int,
-                           timeout: float) -> np.ndarray | None:
-    """Summed training class counts of all sites, or None unless every site allows sharing."""
+def federated_class_counts(grid: Grid, expected: Expected, timeout: float,
+                           rejected: list[dict]) -> np.ndarray | None:
+    """Summed training class counts of all sites, or None unless every site allows sharing
+    and sends counts that fit the run (``server.replies``: one count per class, none
+    negative, at most ``max-site-images`` in all); a reply that does not is added to
+    ``rejected``."""
     nodes = list(grid.get_node_ids())
     replies = exchange(grid, [
         Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
                 message_type="query.class_counts") for node in nodes], timeout)
-    configs = [m.content["config"] for m in replies if not m.has_error()]
+    configs = []
+    for reply in replies:
+        if reply.has_error():
+            continue
+        try:
+            configs.append(check_reply(reply, "class_counts", expected)["config"])
+        except BadReply as problem:
+            rejected.append({"node_id": reply.metadata.src_node_id, "reply": "class_counts",
+                             "reason": str(problem)})
+            print(f"[cytofed] class counts of node {reply.metadata.src_node_id} rejected: "
+                  f"{problem}", flush=True)
     if len(configs) < len(nodes) or not all(c["share-counts"] for c in configs):
-        print("[cytofed] not every site shares class counts: using local priors", flush=True)
+        print("[cytofed] not every site shares usable class counts: using local priors",
+              flush=True)
         return None
     return np.sum([np.asarray(c["counts"], dtype=np.int64) for c in configs], axis=0)
 

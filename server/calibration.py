@@ -26,6 +26,7 @@ from common.calibration import CURVE_MESSAGE, CURVE_RECORD, NllCurve, pick_tempe
 from server.federation import exchange
 from server.privacy import PrivateUpdates
 from server.recorder import EndOfRun
+from server.replies import error_reason
 from server.strategies import MethodStrategy
 
 
@@ -59,7 +60,7 @@ def temperature_curves(grid: Grid, arrays: ArrayRecord,
 def _curve(reply: Message, node: int) -> tuple[str, NllCurve]:
     """The centre and checked curve of one reply; ValueError says what is wrong."""
     if reply.has_error():
-        raise ValueError(reply.error.reason)
+        raise ValueError(error_reason(reply))  # a site code: the site's own text stays there
     record = reply.content.metric_records.get(CURVE_RECORD)
     if record is None:
         raise ValueError("its reply holds no temperature curve (empty validation split?)")
@@ -71,22 +72,17 @@ def score_at_temperature(strategy: MethodStrategy | PrivateUpdates, grid: Grid,
                          arrays: ArrayRecord, server_round: int, timeout: float,
                          temperature: float) -> dict[str, list[dict]]:
     """Every answering site's ``val`` and ``test`` reports of ``arrays`` at ``temperature``
-    (aggregate counts only), with its centre's name, by split; one exchange."""
+    (aggregate counts only), with its centre's name, by split; one exchange. Reports are
+    checked against their schema (``server.replies``); the strategy's ``rejected`` lists
+    those that fail."""
     sent = {split: list(strategy.configure_evaluate(
         server_round, arrays, ConfigRecord({"split": split, "temperature": temperature}), grid))
         for split in ("val", "test")}
     replies = exchange(grid, [m for ms in sent.values() for m in ms], timeout)
     split_of = {m.metadata.message_id: split for split, ms in sent.items() for m in ms}
-    reports: dict[str, list[dict]] = {split: [] for split in sent}
-    for reply in replies:
-        if reply.has_error() or "metrics" not in reply.content.metric_records:
-            continue
-        split = split_of.get(reply.metadata.reply_to_message_id)
-        if split is not None:
-            reports[split].append({
-                "centre": reply.content.config_records.get("site", {}).get("centre", "?"),
-                **dict(reply.content["metrics"])})
-    return reports
+    return {split: strategy.site_reports(
+        [r for r in replies if split_of.get(r.metadata.reply_to_message_id) == split], split)
+        for split in sent}
 
 
 def end_of_run(strategy: MethodStrategy | PrivateUpdates, grid: Grid, arrays: ArrayRecord,

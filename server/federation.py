@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 
 from server.privacy import PrivateUpdates
 from server.recorder import RoundResult
+from server.replies import error_reason
 from server.strategies import MethodStrategy
 
 # Between pulls for replies, wait this share of the time waited so far, within POLL_BOUNDS
@@ -54,23 +55,11 @@ def _failures(sent: list[Message], replies: list[Message]) -> list[dict]:
     node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
     answers = {node_of.get(m.metadata.reply_to_message_id, m.metadata.src_node_id): m
                for m in replies}
-    failed = [{"node_id": node, "reason": m.error.reason}
+    failed = [{"node_id": node, "reason": error_reason(m)}
               for node, m in answers.items() if m.has_error()]
     missing = [{"node_id": n, "reason": "no reply before the round timeout"}
                for n in node_of.values() if n not in answers]
     return failed + missing
-
-
-def client_reports(replies: list[Message]) -> list[dict]:
-    """Per-site aggregates of a training round: centre, class counts and training metrics."""
-    reports = []
-    for message in replies:
-        if message.has_error():
-            continue
-        site = message.content.config_records.get("site", {})
-        reports.append({"node_id": message.metadata.src_node_id, **dict(site),
-                        **dict(message.content["metrics"])})
-    return reports
 
 
 def merge_arrays(previous: ArrayRecord, update: ArrayRecord | None) -> ArrayRecord:
@@ -101,8 +90,8 @@ def run_rounds(strategy: MethodStrategy | PrivateUpdates, grid: Grid, arrays: Ar
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
         sampled = [m.metadata.dst_node_id for m in messages]
         replies = exchange(grid, messages, timeout)
-        clients = client_reports(replies)
         aggregated, train_metrics = strategy.aggregate_train(server_round, replies)
+        clients = list(strategy.clients)  # checked: centre, class counts, training metrics
         arrays = merge_arrays(arrays, aggregated)
         exported = global_model(arrays)
         evaluations = exchange(
@@ -117,8 +106,7 @@ def run_rounds(strategy: MethodStrategy | PrivateUpdates, grid: Grid, arrays: Ar
             **held_out, seconds=finished - started, sampled=len(sampled),
             replied=len(clients), clients=clients,
             dropped=_failures(messages, replies), rejected=list(strategy.rejected),
-            site_eval_seconds=[m.content["metrics"]["eval_seconds"] for m in evaluations
-                               if not m.has_error() and "eval_seconds" in m.content["metrics"]],
+            site_eval_seconds=list(strategy.eval_seconds),
             held_out_seconds=finished - held_out_started)
         on_round_end(result, arrays, exported)
     return arrays

@@ -28,6 +28,7 @@ from common.taxonomy import TAXONOMIES
 from server.evaluation import evaluate_held_out
 from server.federation import exchange
 from server.production import is_simulation
+from server.replies import BadReply, Expected, check_reply, error_reason
 from server.strategies import record_to_state
 
 # Seconds between looks for the evaluator site, and between asking it again after a failure.
@@ -61,8 +62,10 @@ class SiteHeldOut:
                               "site can join one)", config.held_out_evaluation)
         self.config, self.grid = config, grid
         self.classes = TAXONOMIES[spec.taxonomy]
+        self.expected = Expected(len(self.classes), frozenset(c.name for c in training),
+                                 config.held_out, config.max_site_images)
         self.stats = {"training_centres_unchecked": len(training)}  # no image reaches us
-        self.node_id, evaluators = find_evaluator(grid, config)
+        self.node_id, evaluators = find_evaluator(grid, config, self.expected)
         self.training_grid = TrainingSitesGrid(grid, evaluators)
 
     def evaluate(self, server_round: int, model: nn.Module, arrays: ArrayRecord,
@@ -80,7 +83,7 @@ class SiteHeldOut:
                 dst_node_id=self.node_id, message_type=HELD_OUT_MESSAGE)
             replies = exchange(self.grid, [message], max(deadline - time.monotonic(), 1.0))
             try:
-                return held_out_metrics(replies, self.classes)
+                return held_out_metrics(replies, self.classes, self.expected)
             except ValueError as error:
                 problem = (f"held-out evaluator site (node {self.node_id}), round "
                            f"{server_round}: {error}")
@@ -106,20 +109,20 @@ def open_held_out(config: RunConfig, spec: CentreSpec, training: list[CentreSpec
     return HELD_OUT_EVALUATORS[config.held_out_evaluation](config, spec, grid, training)
 
 
-def held_out_metrics(replies: list[Message], classes: tuple[str, ...]) -> dict[str, dict | None]:
-    """The checked metrics of the evaluator's one reply; ValueError says what is wrong."""
+def held_out_metrics(replies: list[Message], classes: tuple[str, ...],
+                     expected: Expected) -> dict[str, dict | None]:
+    """The checked metrics of the evaluator's one reply (``server.replies``, then every field
+    of the metrics); ValueError says what is wrong."""
     if not replies:
         raise ValueError("no reply")
     [reply] = replies
     if reply.has_error():
-        raise ValueError(f"it answered with an error: {reply.error.reason}")
-    record = reply.content.config_records.get("held-out")
-    if record is None or not isinstance(record.get("metrics"), str):
-        raise ValueError("its reply holds no held-out metrics")
+        raise ValueError(f"it answered with an error: {error_reason(reply)}")
+    record = check_reply(reply, "held_out", expected)["held-out"]
     return decode_held_out(record["metrics"], classes)
 
 
-def find_evaluator(grid: Grid, config: RunConfig) -> tuple[int, set[int]]:
+def find_evaluator(grid: Grid, config: RunConfig, expected: Expected) -> tuple[int, set[int]]:
     """The node id of the held-out centre's evaluator site, and those of every node in the
     evaluator role; waits up to ``round-timeout`` seconds for it to come online.
 
@@ -131,7 +134,8 @@ def find_evaluator(grid: Grid, config: RunConfig) -> tuple[int, set[int]]:
     waiting = False
     while True:
         names = {node.node_id: node.name for node in grid.get_nodes()}
-        roles = node_roles(grid, list(names), min(config.round_timeout, ROLE_QUERY_TIMEOUT))
+        roles = node_roles(grid, list(names), min(config.round_timeout, ROLE_QUERY_TIMEOUT),
+                           expected)
         evaluators = {node for node, (role, _) in roles.items() if role == EVALUATOR}
         claiming = sorted(n for n in evaluators if roles[n][1] == config.held_out)
         matching = [n for n in claiming if names[n] == config.held_out]
@@ -157,16 +161,20 @@ def find_evaluator(grid: Grid, config: RunConfig) -> tuple[int, set[int]]:
         time.sleep(RETRY_SECONDS)
 
 
-def node_roles(grid: Grid, nodes: list[int], timeout: float) -> dict[int, tuple[str, str]]:
-    """(role, centre) of every node that answers the role query."""
+def node_roles(grid: Grid, nodes: list[int], timeout: float,
+               expected: Expected) -> dict[int, tuple[str, str]]:
+    """(role, centre) of every node that answers the role query as ``server.replies`` asks
+    (the others are training sites)."""
     replies = exchange(grid, [Message(RecordDict({"config": ConfigRecord({})}),
                                       dst_node_id=node, message_type=ROLE_QUERY)
                               for node in nodes], timeout)
     roles = {}
     for reply in replies:
-        record = reply.content.config_records.get("role") if not reply.has_error() else None
-        if record is not None:
-            roles[reply.metadata.src_node_id] = (str(record["role"]), str(record["centre"]))
+        try:
+            record = check_reply(reply, "role", expected)["role"]
+        except BadReply:
+            continue
+        roles[reply.metadata.src_node_id] = (record["role"], record["centre"])
     return roles
 
 

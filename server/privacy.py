@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +47,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.config import ConfigError, RunConfig
 from common.methods import METHODS
-from common.privacy import BUFFERS_KEY, clipped_update
-from server.strategies import MethodStrategy, record_to_state, state_to_record
+from common.privacy import BUFFERS_KEY, clip_factor
+from server.strategies import MethodStrategy, non_finite, record_to_state, state_to_record
 
 LEDGER_FILE = "privacy-ledger.jsonl"
 ACCOUNTING = ("RDP (Flower RdpAccountant), client-level add-or-remove-one neighbours, "
@@ -132,7 +132,6 @@ class PrivateUpdates(Strategy):
             sampling_method=SamplingMethod.NO_AMPLIFICATION))
         self.last_release: dict | None = None
         self.global_state: dict[str, np.ndarray] = {}
-        self.unusable: list[dict] = []
 
     @property
     def sensitivity(self) -> float:
@@ -141,8 +140,16 @@ class PrivateUpdates(Strategy):
 
     @property
     def rejected(self) -> list[dict]:
-        """Updates refused in the current round, by the validation or as not clippable."""
-        return [*self.strategy.rejected, *self.unusable]
+        """Replies refused in the current round (see ``MethodStrategy``)."""
+        return self.strategy.rejected
+
+    @property
+    def clients(self) -> list[dict]:
+        return self.strategy.clients
+
+    @property
+    def eval_seconds(self) -> list[float]:
+        return self.strategy.eval_seconds
 
     def use_ledger(self, ledger: PrivacyLedger, rounds: list[dict]) -> None:
         """Record releases in ``ledger``, first composing those it already holds (a resume).
@@ -164,67 +171,54 @@ class PrivateUpdates(Strategy):
                         grid: Grid) -> Iterable[Message]:
         """The wrapped strategy's messages, asking sites to clip their trained tensors."""
         self.global_state = record_to_state(arrays)
-        self.unusable = []
         config = ConfigRecord({**config, KEY_CLIPPING_NORM: self.clipping_norm,
                                BUFFERS_KEY: sorted(self.buffers & set(self.global_state))})
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
-                        ) -> tuple[ArrayRecord, MetricRecord | None]:
-        """Validate, sum the clipped updates over n, add noise, ledger and account; the round
-        always releases, even when no update was accepted."""
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check the replies, sum the clipped updates over n, add noise, ledger and account;
+        the round always releases, even when no update was accepted (no arrays, and no
+        release, only if the noised model is not finite: the previous one is kept)."""
         if self.ledger is None:
             raise RuntimeError("differential privacy needs a privacy ledger before any release")
-        replies = list(replies)
-        _, metrics = self.strategy.aggregate_train(server_round, replies)
-        refused = {item["node_id"] for item in self.strategy.rejected}
-        updates = []
-        for reply in replies:
-            if reply.has_error() or reply.metadata.src_node_id in refused:
-                continue
-            state = record_to_state(reply.content["arrays"])
-            problem = self._unclippable(state)
-            if problem:
-                self.unusable.append({"node_id": reply.metadata.src_node_id, "reason": problem})
-            else:
-                updates.append(state)
-        released = self._noised_sum(updates)
+        accepted = self.strategy.accept_train(replies)
+        metrics = self.strategy.train_metrics(accepted) if accepted else None
+        released = self._noised_sum([self.strategy.update(m) for m in accepted])
+        if (key := non_finite(released)) is not None:
+            self.strategy.reject_aggregate(f"{key} of the noised aggregate is not finite: "
+                                           "the round keeps the previous global model")
+            return None, metrics
         # The noise multiplier is relative to the sensitivity C/n: what the accountant needs.
         entry = {"round": server_round, "noise_multiplier": self.noise_multiplier,
                  "noise_std": self.noise_multiplier * self.sensitivity,
                  "clipping_norm": self.clipping_norm, "denominator": self.num_sites,
-                 "contributions": len(updates), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                 "contributions": len(accepted), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self.ledger.append(entry)
         self._compose(entry)
         return state_to_record(released), metrics
 
-    def _unclippable(self, state: dict[str, np.ndarray]) -> str | None:
-        """Why an accepted update cannot enter a private sum, or None."""
-        if set(state) != set(self.global_state):
-            return "tensors differ from the global model"
-        for key, reference in self.global_state.items():
-            value = state[key]
-            if value.dtype.kind != "f" or value.shape != reference.shape:
-                return f"{key} is {value.dtype} {value.shape}, expected float {reference.shape}"
-            if not np.all(np.isfinite(value)):
-                return f"{key} contains NaN or Inf"
-        return None
-
-    def _noised_sum(self, updates: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    def _noised_sum(self, updates: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """The release from the accepted updates, read one tensor at a time: each update's
+        trained tensors clipped together to C and summed, over n, plus noise; buffers
+        averaged over the updates in clear."""
         trained = [key for key in self.global_state if key not in self.buffers]
-        total = {key: np.zeros(self.global_state[key].shape) for key in trained}
-        for state in updates:
-            for key, value in clipped_update(state, self.global_state, self.clipping_norm,
-                                             trained).items():
-                total[key] += value
+        total = {key: np.zeros(value.shape) for key, value in self.global_state.items()}
+        for update in updates:
+            scale = clip_factor(update, self.global_state, self.clipping_norm, trained)
+            for key, reference in self.global_state.items():
+                if key in self.buffers:
+                    total[key] += update[key]
+                else:
+                    total[key] += scale * np.subtract(update[key], reference, dtype=np.float64)
         std = self.noise_multiplier * self.sensitivity
         released = {}
         for key, reference in self.global_state.items():
-            if key in total:
-                noise = self.rng.normal(0.0, std, reference.shape)
-                value = reference + total[key] / self.num_sites + noise
+            if key in self.buffers:
+                value = total[key] / len(updates) if updates else reference
             else:
-                value = np.mean([s[key] for s in updates], axis=0) if updates else reference
+                value = (reference + total[key] / self.num_sites
+                         + self.rng.normal(0.0, std, reference.shape))
             released[key] = np.asarray(value, dtype=reference.dtype)
         return released
 
@@ -263,6 +257,9 @@ class PrivateUpdates(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
                            ) -> MetricRecord | None:
         return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def site_reports(self, replies: Iterable[Message], split: str) -> list[dict]:
+        return self.strategy.site_reports(replies, split)
 
     def summary(self) -> None:
         self.strategy.summary()

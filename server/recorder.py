@@ -79,15 +79,15 @@ class EndOfRun:
 
 def calibration_entry(end: EndOfRun, best: dict) -> dict:
     """report.json's ``calibration``: the temperature, who chose it, the pooled validation NLL
-    at it and at 1 (the selected round's), and the pooled validation report at it."""
-    usable = selection.usable_reports(
-        [{k: v for k, v in r.items() if k != "centre"} for r in end.validation])
+    at it and at 1 (the selected round's), and the pooled validation report at it (the
+    sites' reports checked by ``server.replies``)."""
+    reports = [{k: v for k, v in r.items() if k != "centre"} for r in end.validation]
     return {"temperature": end.temperature, "selected_by": TEMPERATURE_SELECTED_BY,
             "sites": sorted(end.curves), "left_out": end.left_out,
             "validation_nll": (pooled_nll(list(end.curves.values()), end.temperature)
                                if end.curves else None),
             "validation_nll_at_1": best["validation"].get("val_loss"),
-            "validation": selection.combine_site_reports(usable)}
+            "validation": selection.combine_site_reports(reports)}
 
 
 def in_distribution_test(reports: Sequence[dict], classes: Sequence[str]) -> dict | None:
@@ -95,20 +95,18 @@ def in_distribution_test(reports: Sequence[dict], classes: Sequence[str]) -> dic
     confusion counts, plus each site's macro-F1 and images, by centre name (None when no site
     scored an image).
 
-    ``reports`` are sites' ``common.selection.site_report``s for the ``test`` split, each with
-    its ``centre``; a malformed one is left out (``common.selection.usable_reports``).
+    ``reports`` are sites' checked ``common.selection.site_report``s for the ``test`` split
+    (``server.replies``), each with its ``centre``.
     """
-    counts = {r.get("centre", "?"): {k: v for k, v in r.items() if k != "centre"}
-              for r in reports}
-    usable = selection.usable_reports(list(counts.values()))
-    scored = {centre: r for centre, r in sorted(counts.items())
-              if any(r is u for u in usable) and r[selection.WEIGHT_KEY] > 0}
+    counts = {r["centre"]: {k: v for k, v in r.items() if k != "centre"} for r in reports}
+    scored = {centre: r for centre, r in sorted(counts.items()) if r[selection.WEIGHT_KEY] > 0}
     if not scored:
         return None
     summed = selection.combine_site_reports(list(scored.values()))
     return {**confusion_metrics(selection.square(summed["test_confusion_matrix"]), classes),
             "loss": summed.get("test_loss"),
-            "sites": [{"centre": centre, "macro_f1": r["test_macro_f1"],
+            "sites": [{"centre": centre,
+                       "macro_f1": selection.macro_f1(r["test_confusion_matrix"]),
                        "num_examples": r[selection.WEIGHT_KEY]} for centre, r in scored.items()]}
 
 

@@ -320,9 +320,15 @@ def _stain_sharing_section(report: dict) -> Section:
 def _clients_section(report: dict) -> Section:
     centre_of = {c.get("node_id"): c.get("centre", "?")
                  for r in report["rounds"] for c in r.get("clients", [])}
-    rows = [(str(r["round"]), kind, str(item["node_id"]), centre_of.get(item["node_id"], "?"),
-             item["reason"])
+
+    def row(when: str, kind: str, item: dict) -> tuple[str, ...]:
+        event = f"{kind} {item['reply']}" if "reply" in item else kind
+        node = "-" if item["node_id"] is None else str(item["node_id"])
+        return when, event, node, centre_of.get(item["node_id"], "?"), item["reason"]
+
+    rows = [row(str(r["round"]), kind, item)
             for r in report["rounds"] for kind in ("dropped", "rejected") for item in r[kind]]
+    rows += [row("-", "rejected", item) for item in report.get("rejected_replies", [])]
     if not rows:
         return Section("Dropped or rejected clients",
                        ("None: every sampled site answered and every update was accepted in "

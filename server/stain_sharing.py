@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 
 from common.stain import STYLE_SIZES, StainStats
 from server.federation import exchange
+from server.replies import error_reason
 
 STAIN_QUERY = "query.stain_stats"
 
@@ -34,7 +35,7 @@ def share_stain_styles(grid: Grid, timeout: float) -> tuple[dict[str, StainStats
         reply = replies.get(node)
         if reply is None or reply.has_error():
             rejected.append({"node_id": node, "centre": "?", "reason": (
-                reply.error.reason if reply is not None else "no reply before the timeout")})
+                error_reason(reply) if reply is not None else "no reply before the timeout")})
             continue
         record = reply.content.config_records.get("config", {})
         centre = str(record.get("centre", "?"))

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +67,14 @@ def free_port() -> int:
 
 class LocalDeployment:
     """A SuperLink and ``sites`` SuperNodes under ``root`` (logs in ``root/logs``), for
-    ``with``; :meth:`run` runs the app on them and returns its report."""
+    ``with``; :meth:`run` runs the app on them and returns its report. ``faults`` (tests only):
+    site -> the ``client.faults`` fault its SuperNode is started with."""
 
-    def __init__(self, sites: int, root: Path) -> None:
+    def __init__(self, sites: int, root: Path, faults: Mapping[int, str] | None = None) -> None:
         if sites < 1:
             raise ValueError(f"a deployment needs at least one site, got {sites}")
         self.sites, self.root = sites, Path(root)
+        self.faults = dict(faults or {})
         self.address = f"127.0.0.1:{free_port()}"
         self.processes: dict[str, subprocess.Popen] = {}
 
@@ -122,7 +124,8 @@ class LocalDeployment:
                 self.start(f"site-{site}", [
                     flower_program("flower-supernode"), "--insecure", "--superlink",
                     self.address, "--port", str(free_port()),
-                    "--node-config", f"partition-id={site} num-partitions={self.sites}",
+                    "--node-config", f"partition-id={site} num-partitions={self.sites}"
+                    + (f" fault='{self.faults[site]}'" if site in self.faults else ""),
                 ], f"site-{site}")
             for site in range(self.sites):
                 self.wait_for(f"site-{site}", lambda log: "SuperNode ID:" in log,

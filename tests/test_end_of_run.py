@@ -27,6 +27,7 @@ from common.pipeline import (
 )
 from common.train import predict_logits, resolve_device
 from server.calibration import end_of_run
+from server.replies import Expected
 from server.strategies import create_strategy
 from tests.test_evaluator import (  # noqa: F401 (server_task: an autouse fixture)
     CLASSES,
@@ -48,7 +49,9 @@ def training_sites(tmp_path: Path) -> SitesGrid:
 
 def strategy_for(arrays):
     config = parse_run_config(RUN_CONFIG)
-    return create_strategy(config, create_method(config), list(arrays.keys()))
+    expected = Expected(len(CLASSES), frozenset(TRAINING), config.held_out,
+                        config.max_site_images)
+    return create_strategy(config, create_method(config), list(arrays.keys()), expected)
 
 
 def pooled_optimum(arrays) -> float:

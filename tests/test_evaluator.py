@@ -25,6 +25,7 @@ from server import held_out as held_out_module
 from server.held_out import ServerHeldOut, SiteHeldOut, held_out_metrics
 from server.production import refuse_synthetic_in_production
 from server.strategies import state_to_record
+from tests.replies import EXPECTED
 
 RUN_CONFIG = {"model": "test_resnet", "image-size": 32, "synthetic-images": 40,
               "test-time-bn": True, "held-out": "clinic-d", "round-timeout": 30.0,
@@ -280,6 +281,6 @@ def test_metrics_that_are_not_what_the_server_computes_are_refused(change, field
 
 def test_a_reply_without_metrics_is_refused():
     with pytest.raises(ValueError, match="no reply"):
-        held_out_metrics([], CLASSES)
+        held_out_metrics([], CLASSES, EXPECTED)
     with pytest.raises(ValueError, match="at most"):
         decode_held_out(" " * 2_000_000, CLASSES)

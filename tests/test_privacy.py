@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from torch import nn
 
@@ -25,6 +25,7 @@ from server.privacy import LEDGER_FILE, PrivacyLedger, PrivateUpdates, private_u
 from server.rundir import RunDirectory
 from server.strategies import create_strategy, record_to_state, state_to_record
 from tests.loopback import LoopbackGrid, server_task
+from tests.replies import EXPECTED, train_content
 
 GLOBAL = {"conv.weight": np.zeros((2, 3), np.float32), "bn.running_var": np.ones(3, np.float32),
           "fc.bias": np.zeros(4, np.float32)}
@@ -56,13 +57,11 @@ def reply(message: Message, state: dict[str, np.ndarray] | None) -> Message:
     """A site's training reply, or an error when ``state`` is None."""
     if state is None:
         return Message(error=Error(code=2, reason="site-error:data"), reply_to=message)
-    content = RecordDict({"arrays": state_to_record(state), "metrics": MetricRecord(
-        {"num-examples": 10, "train_loss": 1.0}), "site": ConfigRecord({"centre": "lab"})})
-    return Message(content=content, reply_to=message)
+    return Message(content=train_content(state), reply_to=message)
 
 
 def strategy_for(config: RunConfig):
-    return create_strategy(config, create_method(config), GLOBAL)
+    return create_strategy(config, create_method(config), GLOBAL, EXPECTED)
 
 
 def private(tmp_path: Path, sites: int = 3, **settings) -> PrivateUpdates:

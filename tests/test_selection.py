@@ -3,14 +3,15 @@
 import numpy as np
 import pytest
 
-from common.metrics import classification_metrics
+from common.metrics import classification_metrics, uncertainty_threshold
 from common.selection import (
     best_round,
+    calibration_pool,
+    capped_weights,
     combine_site_reports,
     macro_f1,
     selection_score,
     site_report,
-    usable_reports,
 )
 
 CLASSES = ("a", "b")
@@ -48,13 +49,13 @@ def test_sites_are_pooled_by_summing_their_confusion_counts():
     assert combine_site_reports([site_report("val", None, 2)]) == {}
 
 
-def test_the_best_round_has_the_top_summed_validation_macro_f1_ties_to_the_later():
-    def round_with(number: int, matrix: list[int], weighted_f1: float) -> dict:
-        return {"round": number,
-                "validation": {"val_confusion_matrix": matrix, "val_macro_f1": weighted_f1}}
+def test_the_best_round_has_the_top_robust_validation_macro_f1_ties_to_the_later():
+    def round_with(number: int, *site_matrices: list[int]) -> dict:
+        reports = [{"val_confusion_matrix": m, "num-examples": sum(m)} for m in site_matrices]
+        return {"round": number, "validation": combine_site_reports(reports)}
 
-    rounds = [round_with(1, [9, 1, 1, 9], 0.99), round_with(2, [10, 0, 0, 10], 0.1),
-              round_with(3, [10, 0, 0, 10], 0.2), round_with(4, [5, 5, 5, 5], 0.99)]
+    rounds = [round_with(1, [9, 1, 1, 9]), round_with(2, [10, 0, 0, 10]),
+              round_with(3, [10, 0, 0, 10]), round_with(4, [5, 5, 5, 5])]
     assert selection_score(rounds[1]) == 1.0
     assert best_round(rounds)["round"] == 3
     assert selection_score({"round": 1, "validation": {}}) == -1.0
@@ -62,12 +63,49 @@ def test_the_best_round_has_the_top_summed_validation_macro_f1_ties_to_the_later
         best_round([])
 
 
-def test_a_malformed_report_is_left_out_not_the_pooling():
-    good = report([0, 1], [0, 1])
-    reports = [good, good, {**good, "val_confusion_matrix": [1, 2, 3]},
-               {**good, "num-examples": -1}, {**good, "val_loss": "high"}, {"val_loss": 1.0}]
-    assert usable_reports(reports) == [good, good]
-    assert combine_site_reports(usable_reports(reports))["val_confusion_matrix"] == [2, 0, 0, 2]
+def test_one_site_claiming_many_images_counts_as_the_median_site():
+    assert capped_weights(np.array([100.0, 120, 140])).tolist() == [100, 120, 120]
+    assert capped_weights(np.array([10.0, 1e6])).tolist() == [10, 10]
+    assert capped_weights(np.array([5.0])).tolist() == [5]
+    # Two honest sites score round 1 well and round 2 badly; a third claims a million
+    # perfect images in round 2 only. Summed as they are, round 2 would be selected.
+    honest_good, honest_bad, liar = [45, 5, 5, 45], [30, 20, 20, 30], [500_000, 0, 0, 500_000]
+    rounds = [{"round": 1, "validation": combine_site_reports([
+                  {"val_confusion_matrix": m, "num-examples": sum(m)}
+                  for m in (honest_good, honest_good, [40, 10, 10, 40])])},
+              {"round": 2, "validation": combine_site_reports([
+                  {"val_confusion_matrix": m, "num-examples": sum(m)}
+                  for m in (honest_bad, honest_bad, liar)])}]
+    assert rounds[1]["validation"]["val_macro_f1"] > rounds[0]["validation"]["val_macro_f1"]
+    assert best_round(rounds)["round"] == 1
+    assert rounds[1]["validation"]["val_confusion_matrix"] == [500_060, 40, 40, 500_060]
+
+
+def histogram(correct: dict[int, float], wrong: dict[int, float]) -> tuple[list, list]:
+    return ([correct.get(b, 0.0) for b in range(20)], [wrong.get(b, 0.0) for b in range(20)])
+
+
+def test_no_single_site_can_lower_the_uncertain_threshold():
+    # Two honest sites: right at confidence >= 0.9, wrong (6%) at 0.6-0.65.
+    honest = histogram({18: 0.94}, {12: 0.06})
+    # A third claims every prediction right at confidence 0-0.05: pooled as they are, the
+    # error rate over all predictions drops to 4% and nothing would be flagged uncertain.
+    liar = histogram({0: 1.0}, {})
+    plain = [np.mean([h[k] for h in (honest, honest, liar)], axis=0) for k in (0, 1)]
+    assert uncertainty_threshold(*plain)["threshold"] == 0.0
+    pooled = calibration_pool([(*honest, 1.0), (*honest, 1.0), (*liar, 1.0)])
+    assert uncertainty_threshold(*pooled)["threshold"] == pytest.approx(0.65)
+    # A site can raise the threshold (more predictions flagged): the safe way.
+    alarmist = histogram({}, {19: 1.0})
+    raised = calibration_pool([(*honest, 1.0), (*honest, 1.0), (*alarmist, 1.0)])
+    assert uncertainty_threshold(*raised)["threshold"] == 1.0
+    assert calibration_pool([(*honest, 3.0)]) == (list(honest[0]), list(honest[1]))
+
+
+def test_each_sites_histogram_is_normalised_before_pooling():
+    counts_like = histogram({18: 90.0}, {12: 10.0})  # counts, not shares
+    pooled = calibration_pool([(*counts_like, 1.0), (*histogram({18: 0.9}, {12: 0.1}), 1.0)])
+    assert sum(pooled[0]) + sum(pooled[1]) == pytest.approx(1.0)
 
 
 def test_the_in_distribution_test_sums_the_sites_test_counts_by_centre():
@@ -79,8 +117,7 @@ def test_the_in_distribution_test_sums_the_sites_test_counts_by_centre():
 
     empty = {"centre": "empty", **site_report("test", None, 2)}
     result = in_distribution_test([tested("b", [3, 1, 0, 4]), tested("a", [2, 0, 0, 2]),
-                                   {"centre": "broken", "num-examples": "many"}, empty],
-                                  CLASSES)
+                                   empty], CLASSES)
     assert result["confusion_matrix"] == [[5, 1], [0, 6]] and result["num_examples"] == 12
     assert [(s["centre"], s["num_examples"]) for s in result["sites"]] == [("a", 4), ("b", 8)]
     assert result["macro_f1"] == pytest.approx(macro_f1([[5, 1], [0, 6]]))

@@ -4,7 +4,7 @@ model, the seeds of its batches, its handlers and its process cache."""
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from torch import nn
 
 from client.app import app, build_client_app
@@ -15,6 +15,7 @@ from common.methods import create_method
 from common.models import batchnorm_keys
 from common.weights import model_state
 from server.strategies import create_strategy, record_to_state, state_to_record
+from tests.replies import EXPECTED, train_content
 from tests.test_strategies import FakeGrid
 
 
@@ -92,7 +93,7 @@ def test_fedbn_global_model_carries_the_sites_trained_batchnorm_aggregated():
     method = create_method(config)
     initial = model_state(odd_model())
     bn = batchnorm_keys(odd_model())
-    strategy = create_strategy(config, method, method.sent_keys(odd_model()))
+    strategy = create_strategy(config, method, method.sent_keys(odd_model()), EXPECTED)
     messages = list(strategy.configure_train(1, state_to_record(initial), ConfigRecord(),
                                              FakeGrid([1, 2])))
     replies = []
@@ -100,9 +101,8 @@ def test_fedbn_global_model_carries_the_sites_trained_batchnorm_aggregated():
         fedbn, model = site("fedbn", f"site-{value}"), odd_model()
         fedbn.load_for_training(model, message.content["arrays"], context())
         local_training(model, batchnorm=value, other=1.0)
-        content = RecordDict({"arrays": fedbn.update(model),
-                              "metrics": MetricRecord({"num-examples": examples})})
-        replies.append(Message(content, reply_to=message))
+        replies.append(Message(train_content(record_to_state(fedbn.update(model)), examples),
+                               reply_to=message))
     aggregated, _ = strategy.aggregate_train(1, replies)
     global_state = method.global_model(record_to_state(aggregated))
     assert strategy.rejected == [] and set(global_state) == set(initial)

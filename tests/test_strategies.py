@@ -23,6 +23,7 @@ from server.strategies import (
     record_to_state,
     state_to_record,
 )
+from tests.replies import EXPECTED, report_content, train_content
 
 GLOBAL = {"conv.weight": np.zeros((2, 3), np.float32), "fc.bias": np.zeros(4, np.float32)}
 
@@ -42,7 +43,7 @@ pytestmark = pytest.mark.usefixtures("server_task")
 
 def strategy_for(config: RunConfig, state: dict[str, np.ndarray] = GLOBAL) -> MethodStrategy:
     """The strategy of ``config``'s method for a model with ``state``'s tensors."""
-    return create_strategy(config, create_method(config), state)
+    return create_strategy(config, create_method(config), state, EXPECTED)
 
 
 def shifted(value: float, state: dict[str, np.ndarray] = GLOBAL) -> dict[str, np.ndarray]:
@@ -52,10 +53,8 @@ def shifted(value: float, state: dict[str, np.ndarray] = GLOBAL) -> dict[str, np
 def reply(message: Message, state: dict[str, np.ndarray] | None, examples: int = 10) -> Message:
     """A site's training reply as the ClientApp builds it, or an error when ``state`` is None."""
     if state is None:
-        return Message(error=Error(code=0, reason="site crashed"), reply_to=message)
-    content = RecordDict({"arrays": state_to_record(state), "metrics": MetricRecord(
-        {"num-examples": examples, "train_loss": 1.0}), "site": ConfigRecord({"centre": "lab"})})
-    return Message(content=content, reply_to=message)
+        return Message(error=Error(code=0, reason="site-error:data"), reply_to=message)
+    return Message(content=train_content(state, examples), reply_to=message)
 
 
 def train_round(strategy: MethodStrategy, updates: dict[int, dict | None],
@@ -83,7 +82,7 @@ def test_nan_inf_wrong_keys_and_shapes_are_rejected_and_the_rest_averaged():
     reasons = rejected_nodes(strategy)
     assert sorted(reasons) == [3, 4, 5, 6]
     assert "unknown ['extra']" in reasons[3] and "missing ['fc.bias']" in reasons[6]
-    assert reasons[4] == "fc.bias has shape (5,), expected (4,)"
+    assert reasons[4] == "fc.bias is float32 (5,), expected float32 (4,)"
     assert reasons[5] == "fc.bias contains NaN or Inf"
     for key, array in aggregated.items():
         np.testing.assert_allclose(array, GLOBAL[key] + 2.0)
@@ -128,7 +127,7 @@ def test_a_site_injected_with_nan_weights_is_rejected_and_the_model_stays_finite
     arrays, _ = strategy.aggregate_train(1, replies)
     assert rejected_nodes(strategy) == {3: "conv.weight contains NaN or Inf"}
     assert all(np.all(np.isfinite(a)) for a in record_to_state(arrays).values())
-    with pytest.raises(ValueError, match="the only fault is 'nan-weights'"):
+    with pytest.raises(ValueError, match="the faults are \\('nan-weights', 'malformed'\\)"):
         site_reply(messages[0], {"fault": "slow"})
 
 
@@ -185,14 +184,14 @@ def test_validation_is_pooled_by_summing_the_sites_confusion_counts():
     strategy = strategy_for(RunConfig())
     messages = list(strategy.configure_evaluate(1, state_to_record(GLOBAL), ConfigRecord(),
                                                 FakeGrid([1, 2])))
-    counts = [{"val_confusion_matrix": [9, 0, 1, 0], "val_loss": 1.0, "num-examples": 10},
-              {"val_confusion_matrix": [0, 0, 0, 10], "val_loss": 2.0, "num-examples": 10}]
-    replies = [Message(RecordDict({"metrics": MetricRecord(c)}), reply_to=m)
-               for m, c in zip(messages, counts, strict=True)]
+    contents = [report_content("val", [9, 0, 1, 0], loss=1.0),
+                report_content("val", [0, 0, 0, 10], loss=2.0, centre="lab-b")]
+    replies = [Message(c, reply_to=m) for m, c in zip(messages, contents, strict=True)]
     pooled = strategy.aggregate_evaluate(1, replies)
     assert pooled["val_confusion_matrix"] == [9, 0, 1, 10] and pooled["num-examples"] == 20
     assert pooled["val_loss"] == pytest.approx(1.5)
     assert pooled["val_macro_f1"] == pytest.approx((18 / 19 + 20 / 21) / 2)
+    assert strategy.eval_seconds == [0.1, 0.1] and strategy.rejected == []
 
 
 def test_a_reply_without_a_usable_weight_or_update_is_rejected_and_the_round_goes_on():
@@ -206,8 +205,9 @@ def test_a_reply_without_a_usable_weight_or_update_is_rejected_and_the_round_goe
                                                  no_arrays])
     reasons = rejected_nodes(strategy)
     node = [m.metadata.dst_node_id for m in messages]
-    assert reasons[node[1]] == "num-examples must be a positive number, got 0"
-    assert reasons[node[2]] == "the reply lacks its 'arrays' or 'metrics' record"
+    assert reasons[node[1]] == "metrics 'num-examples': expected an integer in [1, 10000], got 0"
+    assert reasons[node[2]] == ("records differ from a train reply's (unknown [], missing "
+                                "['arrays', 'site'])")
     np.testing.assert_allclose(record_to_state(aggregated)["fc.bias"], 1.0)
 
 
