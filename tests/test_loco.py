@@ -2,9 +2,11 @@
 
 import argparse
 import json
+import os
 
 import numpy as np
 import pytest
+import torch
 
 from common.bootstrap import macro_f1_of_matrices
 from common.config import RunConfig
@@ -17,6 +19,7 @@ from simulations.loco import (
     render_markdown,
     run_overrides,
     selected_results,
+    share_cores,
     shell_join,
     summarise,
 )
@@ -178,3 +181,17 @@ def test_the_recipe_file_is_under_run_config_under_explicit_flags(tmp_path):
     assert _recipe(loco_args())["model"] == RunConfig().model
     with pytest.raises(ValueError, match="--recipe"):
         _recipe(loco_args(run_config=f"recipe='{recipe}'"))
+
+
+def test_jobs_share_the_cores_instead_of_each_taking_all_of_them(monkeypatch):
+    """Two jobs on 2 cores run one torch thread each, and pass it on to the Ray workers they
+    start (the environment); an explicit OMP_NUM_THREADS wins."""
+    threads: list[int] = []
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    share_cores(2)
+    assert os.environ["OMP_NUM_THREADS"] == "1" and threads == [1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    share_cores(2)
+    assert threads == [1, 3]
