@@ -257,7 +257,8 @@ def _config(fields: dict[str, Field]) -> RecordSpec:
 
 SITE = _config({"centre": centre()})
 TRAIN_METRICS = {"train_loss": LOSS, "images_per_second": number(), "train_seconds": SECONDS,
-                 WEIGHT_KEY: count(1, lambda e: e.max_images), "update-bytes": count()}
+                 WEIGHT_KEY: count(1, lambda e: e.max_images), "update-bytes": count(),
+                 "local_steps": count()}
 
 # Reply kind -> its schema: what the server reads from each message it sends.
 SCHEMAS: dict[str, ReplySchema] = {

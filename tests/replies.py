@@ -23,7 +23,7 @@ def train_content(state: dict[str, np.ndarray], examples: int = 10, centre: str 
         site["class-counts"] = class_counts
     arrays = state_to_record(state)
     return RecordDict({"arrays": arrays, "metrics": MetricRecord({
-        "train_loss": loss, "images_per_second": 100.0, "train_seconds": 0.5,
+        "train_loss": loss, "images_per_second": 100.0, "train_seconds": 0.5, "local_steps": 3,
         "num-examples": examples, "update-bytes": arrays.count_bytes()}), "site": site})
 
 

@@ -176,3 +176,33 @@ def test_a_process_keeps_one_site_per_node_and_run_config(tmp_path):
     assert other_node.spec != first.spec and other_node.model is not first.model
     other_run = open_site(context(0, {**run_config, "seed": 7}))
     assert other_run is not first and other_run.model is not first.model
+
+
+@pytest.mark.usefixtures("server_task")
+@pytest.mark.parametrize("levers", [{}, {"local_steps": 3, "sampling_balance": 0.5},
+                                    {"class_prior": "federated", "loss": "balanced_softmax"},
+                                    {"test_time_bn": True, "stain_normalise": "reinhard"}])
+def test_the_real_handlers_replies_pass_the_servers_schema(monkeypatch, levers):
+    """What a site sends with each training lever on is what the server accepts: a metric the
+    client adds without its schema entry rejects every update of the run."""
+    import client.app
+    from server.replies import Expected, check_reply
+
+    rng = np.random.default_rng(0)
+    config = RunConfig(model="test_resnet", image_size=16, batch_size=4, augment="none",
+                       device="cpu", **levers)
+    data = CentreData("clinic-a", ("x", "y"), rng.integers(0, 255, (12, 16, 16, 3), np.uint8),
+                      np.arange(12) % 2, np.arange(12))
+    monkeypatch.setattr(client.app, "open_site",
+                        lambda c: Site(config, CentreSpec("clinic-a"), data, data, data))
+    arrays = state_to_record(model_state(client.app.open_site(context()).model))
+    expected = Expected(2, frozenset({"clinic-a"}), "clinic-d", 1000)
+    train_config = {"server-round": 1, **({"federated-counts": [6, 6]}
+                                          if config.class_prior == "federated" else {})}
+    for kind, handler, split_config in (("train", client.app.train, train_config),
+                                        ("val", client.app.evaluate, {"split": "val"}),
+                                        ("test", client.app.evaluate, {"split": "test"})):
+        message = Message(RecordDict({"arrays": arrays, "config": ConfigRecord(split_config)}),
+                          dst_node_id=1, message_type="train" if kind == "train" else "evaluate")
+        reply = handler(message, context())
+        check_reply(Message(reply.content, reply_to=message), kind, expected)
