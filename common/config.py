@@ -68,7 +68,7 @@ class RunConfig:
     trim_fraction: float = 0.2
     min_train_nodes: int = 2
     max_site_images: int = 1_000_000
-    max_update_norm: float = 1000.0
+    max_update_norm: float = 1e5
     wire_precision: str = "fp32"
     average_last_rounds: int = 0
     held_out: str = "clinic-d"

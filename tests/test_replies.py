@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
@@ -15,13 +16,17 @@ from flwr.server.superlink.linkstate.utils import create_message_error_unavailab
 from client.errors import DATA
 from client.faults import MUTATION_STRIDE, MUTATIONS, fault_injection_mod
 from common.config import RunConfig
+from common.data import CentreData
 from common.methods import create_method
+from common.pipeline import fit, new_model
+from common.weights import model_state
 from server.held_out import held_out_metrics
 from server.privacy import LEDGER_FILE, PrivacyLedger, private_updates
 from server.replies import (
     UNRECOGNISED_ERROR,
     BadReply,
     check_reply,
+    check_update,
     describe,
     error_reason,
 )
@@ -213,3 +218,20 @@ def test_a_malformed_node_breaks_each_reply_with_the_next_mutation():
         strategy.aggregate_train(1, [reply])
         assert [r["node_id"] for r in strategy.rejected] == [5], sent
     assert context.state["fault-injection"]["train"] == len(names) + 1
+
+
+def test_the_default_update_norm_bound_accepts_an_honest_pretrained_update():
+    """An ImageNet EfficientNet-Lite0 after 25 local steps moves ~2,000 from the global model
+    (BatchNorm running variances re-estimated on the site's images): the default bound let
+    no such update through."""
+    config = RunConfig(model="tf_efficientnet_lite0", pretrained="imagenet", image_size=32,
+                       local_steps=25, batch_size=16, device="cpu", augment="none")
+    torch.manual_seed(0)
+    model = new_model(config, 5)
+    start = model_state(model)
+    rng = np.random.default_rng(0)
+    data = CentreData("lab-a", tuple("abcde"), rng.integers(0, 255, (64, 32, 32, 3), np.uint8),
+                      np.arange(64) % 5, np.arange(64))
+    fit(model, data, config, data.class_counts(), progress=0.0, seed=0)
+    distance = check_update(state_to_record(model_state(model)), start, "fp32")
+    assert 1000 < distance < config.max_update_norm
