@@ -125,10 +125,10 @@ def test_the_held_out_centre_is_scored_every_k_rounds_last_and_when_selected(
 
 
 def round_with(score: float, number: int, held_out: dict | None) -> dict:
-    # One class of two right: macro-F1 of this validation matrix falls with ``score``.
+    # One site's report, combined as the server does: its macro-F1 rises with ``score``.
     correct = round(10 * score)
-    return {"round": number, "validation": {"val_confusion_matrix": [correct, 10 - correct,
-                                                                     0, 10]},
+    report = {selection.WEIGHT_KEY: 20, "val_confusion_matrix": [correct, 10 - correct, 0, 10]}
+    return {"round": number, "validation": selection.combine_site_reports([report]),
             "held_out": held_out}
 
 
@@ -155,4 +155,5 @@ def test_rounds_without_a_held_out_score_are_recorded_and_reported(tmp_path):
     write_report(tmp_path, report)
     markdown = (tmp_path / "report.md").read_text()
     assert "scored every 3 rounds" in markdown
-    assert "| 2 | n/a | n/a | n/a | n/a | n/a | 1/1 |" in markdown
+    # Round 2: no training loss sent, the sites' validation score, no held-out score.
+    assert "| 2 | n/a | 0.733 | n/a | n/a | n/a | 1/1 |" in markdown

@@ -40,8 +40,9 @@ def test_a_supernode_sending_malformed_replies_is_refused_and_the_others_train(t
         assert math.isfinite(result["train"]["train_loss"])
         assert result["validation"]["num-examples"] > 0
         assert math.isfinite(result["held_out"]["macro_f1"])
+    # After the rounds: its reports at the chosen temperature, on both splits.
     assert [(r["node_id"], r["reply"]) for r in report["rejected_replies"]] == [
-        (*faulty, "test")]
+        (*faulty, "val"), (*faulty, "test")]
     assert [s["centre"] for s in report["best"]["in_distribution_test"]["sites"]] == [
         "clinic-a", "clinic-b"]
     final, _ = load_weights(path.parent / "final.safetensors")
