@@ -139,9 +139,12 @@ def macro_f1(counts: Sequence[int] | Sequence[Sequence[int]]) -> float:
     return confusion_metrics(matrix, [str(i) for i in range(len(matrix))])["macro_f1"]
 
 
+SELECTION_KEY = "val_robust_macro_f1"  # in a round's combined validation: what selects it
+
+
 def selection_score(round_result: dict) -> float:
     """A round's ``val_robust_macro_f1`` (see :func:`combine_site_reports`); -1 without."""
-    return round_result["validation"].get("val_robust_macro_f1", -1.0)
+    return round_result["validation"].get(SELECTION_KEY, -1.0)
 
 
 def best_round(rounds: Sequence[dict]) -> dict:

@@ -243,6 +243,7 @@ def progress_line(record: dict, num_rounds: int) -> str:
                 else "held-out not scored this round")
     return (f"[cytofed] round {record['round']}/{num_rounds}: "
             f"train loss {record['train'].get('train_loss', float('nan')):.4f}, "
-            f"sites' val macro-F1 {record['validation'].get('val_macro_f1', float('nan')):.3f}, "
+            f"sites' val macro-F1 "
+            f"{record['validation'].get(selection.SELECTION_KEY, float('nan')):.3f}, "
             + held_out + (f" (BN-adapted {adapted['macro_f1']:.3f})" if adapted else "")
             + f" ({record['replied']}/{record['sampled']} sites, {record['seconds']:.1f}s)")

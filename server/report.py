@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from common import selection
 from server.comparison import (
     read_loco_notes,
     read_loco_rows,
@@ -47,7 +48,7 @@ METRICS = (("macro_f1", "macro-F1"), ("balanced_accuracy", "balanced accuracy"),
 
 def plot_f1_over_rounds(rounds: list[dict], path: Path) -> Path:
     """Held-out macro-F1 (plain and BN-adapted, if any) at the rounds that scored it, and the
-    sites' validation macro-F1 at every round."""
+    sites' validation macro-F1 that selects the round at every round."""
     fig, ax = new_axes(6, 3.5)
     x = [r["round"] for r in rounds]
     scored = [r for r in rounds if r["held_out"]]
@@ -57,7 +58,7 @@ def plot_f1_over_rounds(rounds: list[dict], path: Path) -> Path:
         ax.plot([r["round"] for r in scored],
                 [r["held_out_bn_adapted"]["macro_f1"] for r in scored], marker="^",
                 label="held-out, BN-adapted")
-    val = [r["validation"].get("val_macro_f1") for r in rounds]
+    val = [r["validation"].get(selection.SELECTION_KEY) for r in rounds]
     if any(v is not None for v in val):
         ax.plot(x, val, marker="s", linestyle="--", label="sites' validation")
     ax.set(xlabel="round", ylabel="macro-F1", ylim=(0, 1.02), title="Macro-F1 over rounds")
@@ -210,12 +211,12 @@ def _in_distribution_section(report: dict, run_dir: Path) -> Section:
 
 def _rounds_section(report: dict, run_dir: Path) -> Section:
     rows = [(str(r["round"]), fmt(r["train"].get("train_loss"), 4),
-             fmt(r["validation"].get("val_macro_f1")),
+             fmt(r["validation"].get(selection.SELECTION_KEY)),
              *(fmt((r["held_out"] or {}).get(key))
                for key in ("macro_f1", "balanced_accuracy", "ece")),
              f"{r['replied']}/{r['sampled']}", f"{r['seconds']:.1f}")
             for r in report["rounds"]]
-    table = Table(("round", "train loss", "sites' val macro-F1", "held-out macro-F1",
+    table = Table(("round", "train loss", "sites' val macro-F1 (selects)", "held-out macro-F1",
                    "held-out bal. acc.", "held-out ECE", "sites", "seconds"), rows)
     every = report["config"].get("held-out-every", 1)
     paragraphs = (f"The held-out centre is scored every {every} rounds, at the last round and "

@@ -17,7 +17,7 @@ from common.averaging import WINDOW_FILE
 from common.config import RunConfig
 from common.weights import load_weights
 from server.app import main as server_main
-from server.recorder import RunRecorder
+from server.recorder import RunRecorder, progress_line
 from server.report import write_report
 from tests.loopback import LoopbackGrid, server_task
 
@@ -130,6 +130,29 @@ def round_with(score: float, number: int, held_out: dict | None) -> dict:
     report = {selection.WEIGHT_KEY: 20, "val_confusion_matrix": [correct, 10 - correct, 0, 10]}
     return {"round": number, "validation": selection.combine_site_reports([report]),
             "held_out": held_out}
+
+
+def test_the_rounds_table_shows_the_score_that_selects_the_round(tmp_path):
+    # A big site that is always right and a small one that is always wrong on class b: the
+    # pooled macro-F1 and the capped one that selects the round differ.
+    big = {selection.WEIGHT_KEY: 200, "val_confusion_matrix": [100, 0, 0, 100]}
+    small = {selection.WEIGHT_KEY: 20, "val_confusion_matrix": [10, 0, 10, 0]}
+    validation = selection.combine_site_reports([big, small])
+    assert abs(validation["val_macro_f1"] - validation[selection.SELECTION_KEY]) > 0.05
+    held_out = {"macro_f1": 0.6, "balanced_accuracy": 0.6, "accuracy": 0.6, "ece": 0.1,
+                "per_class_f1": {"a": 0.6, "b": 0.6}, "confusion_matrix": [[3, 2], [2, 3]]}
+    config = RunConfig(num_server_rounds=1, output_dir=str(tmp_path))
+    record = {"round": 1, "validation": validation, "held_out": held_out, "train": {},
+              "replied": 2, "sampled": 2, "seconds": 1.0, "dropped": [], "rejected": []}
+    best = {"round": 1, "selected_by": selection.SELECTED_BY, "held_out": held_out,
+            "held_out_bn_adapted": None, "in_distribution_test": None}
+    write_report(tmp_path, {"run_dir": str(tmp_path), "config": config.to_dict(),
+                            "classes": ["a", "b"], "held_out_centre": "c",
+                            "training_centres": ["x", "y"], "rounds": [record],
+                            "final": {"round": 1, "held_out": held_out}, "best": best})
+    markdown = (tmp_path / "report.md").read_text()
+    assert f"| 1 | n/a | {validation[selection.SELECTION_KEY]:.3f} | 0.600 |" in markdown
+    assert f"{validation[selection.SELECTION_KEY]:.3f}" in progress_line(record, 1)
 
 
 def test_rounds_without_a_held_out_score_are_recorded_and_reported(tmp_path):
