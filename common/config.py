@@ -216,6 +216,11 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     if config.norm == "frozen_batch" and not config.pretrained:
         raise ConfigError("norm", "'batch' or 'group' without a pretrained backbone "
                           "('frozen_batch' keeps pretrained BatchNorm statistics)", config.norm)
+    if config.norm == "group" and config.pretrained:
+        from common.models import GROUP_NORM_FROM_BATCH_NORM
+
+        raise ConfigError("norm", "'batch' or 'frozen_batch' with a pretrained backbone "
+                          f"({GROUP_NORM_FROM_BATCH_NORM})", config.norm)
     return config
 
 
