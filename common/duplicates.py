@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from scipy.fft import dctn
+from threadpoolctl import threadpool_limits
 
 from common.centres import load_centre, usable_records
 from common.config import RunConfig
@@ -164,13 +165,19 @@ def near_pairs(a: np.ndarray, b: np.ndarray,
                min_similarity: float = NEAR_DUPLICATE_SIMILARITY,
                chunk: int = 1024) -> list[tuple[int, int, float]]:
     """(i, j, similarity) of every pair of signatures ``a[i]``, ``b[j]`` at least
-    ``min_similarity`` alike; all pairs are compared, ``chunk`` rows of ``a`` at a time."""
+    ``min_similarity`` alike; all pairs are compared, ``chunk`` rows of ``a`` at a time.
+
+    The products run on one BLAS thread: called in the ServerApp's thread beside Flower's and
+    Ray's, OpenBLAS's thread pool hung once in ``exec_blas`` (a test run of `cytofed bench
+    --sites`, 25 minutes spinning with its worker asleep); one thread costs little here.
+    """
     unit_b = _unit(b)
     pairs = []
-    for start in range(0, len(a), chunk):
-        alike = _unit(a[start:start + chunk]) @ unit_b.T
-        pairs += [(start + int(i), int(j), float(alike[i, j]))
-                  for i, j in zip(*np.nonzero(alike >= min_similarity), strict=True)]
+    with threadpool_limits(limits=1, user_api="blas"):
+        for start in range(0, len(a), chunk):
+            alike = _unit(a[start:start + chunk]) @ unit_b.T
+            pairs += [(start + int(i), int(j), float(alike[i, j]))
+                      for i, j in zip(*np.nonzero(alike >= min_similarity), strict=True)]
     return pairs
 
 

@@ -117,6 +117,27 @@ def test_near_pairs_finds_every_pair_within_the_bound():
                                    strict=True)] == [(17, 3), (250, 9)]
 
 
+def test_near_pairs_multiply_on_one_blas_thread(monkeypatch):
+    # OpenBLAS's thread pool hung once in a ServerApp thread (see near_pairs).
+    from threadpoolctl import threadpool_info
+
+    from common import duplicates
+
+    seen = []
+    unit = duplicates._unit
+
+    def recording_unit(signatures):
+        seen.append({p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"})
+        return unit(signatures)
+
+    monkeypatch.setattr(duplicates, "_unit", recording_unit)
+    rng = np.random.default_rng(0)
+    signatures = rng.integers(-127, 128, (64, SIGNATURE_LENGTH)).astype(np.int8)
+    assert [(i, j) for i, j, _ in near_pairs(signatures, signatures, chunk=16)][:2] == [
+        (0, 0), (1, 1)]
+    assert seen[1:] and all(threads == {1} for threads in seen[1:])  # seen[0]: before
+
+
 def test_hashes_are_cached_by_file_digest(centres_with_shared_images, tmp_path, monkeypatch):
     spec = read_centres(centres_with_shared_images)[0]
     first = hash_centre(spec, tmp_path / "cache")
