@@ -1,5 +1,6 @@
 """A bad run config is refused with the field named; pyproject and RunConfig agree."""
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -115,3 +116,12 @@ def test_a_bad_recipe_is_refused_naming_the_file(tmp_path, text, field, message)
 def test_a_missing_recipe_is_refused():
     with pytest.raises(ConfigError, match=r"'recipe'.*TOML file"):
         parse_run_config({"recipe": "simulations/recipes/none.toml"})
+
+
+def test_the_readme_documents_every_run_config_key_once():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme[readme.index("| key | meaning |"):]
+    table = table[:table.index("\n\n")]
+    documented = [key for row in table.splitlines()[2:]
+                  for key in re.findall(r"`([a-z0-9-]+)`", row.split(" | ")[0])]
+    assert sorted(documented) == sorted(RunConfig().to_dict())
