@@ -53,8 +53,8 @@ from common.config import (
 )
 from common.data import CentreSpec
 from common.methods import METHODS
-from common.metrics import confident_share
-from common.selection import SELECTED_BY
+from common.metrics import TARGET_ERROR, confident_share, uncertainty_threshold
+from common.selection import SELECTED_BY, SELECTION_KEY
 from common.train import resolve_device
 
 REFERENCE = ("pooled", "ce")  # pooled ERM with cross-entropy: the row every method is compared to
@@ -239,16 +239,39 @@ def selected_results(run: Run, reports: list[Path]) -> dict[str, dict]:
     """
     loaded = [json.loads(p.read_text()) for p in reports]
     bests = [{"in_distribution_test": None, "id_ood_gap": None, **r["best"],
-              "confident": confident_counts(r)} for r in loaded]
+              "confident": confident_counts(r), "selection_score": selection_score(r)}
+             for r in loaded]
     if len(reports) == 1:
         return {run.method: bests[0]}
     per_centre = {f"{run.method}:{'+'.join(r['training_centres'])}": b
                   for r, b in zip(loaded, bests, strict=True)}
     mean = {key: _mean_metrics([b[key] for b in bests])
             for key in ("held_out", "held_out_bn_adapted", "in_distribution_test")}
-    return {run.method: {**mean, "id_ood_gap": _mean_or_none([b["id_ood_gap"] for b in bests]),
+    return {run.method: {**mean, **{key: _mean_or_none([b[key] for b in bests])
+                                    for key in ("id_ood_gap", "selection_score")},
                          "confident": _summed_counts([b["confident"] for b in bests])},
             **per_centre}
+
+
+def selection_score(report: dict) -> float | None:
+    """The training centres' validation score that selected the exported round
+    (``common.selection.SELECTION_KEY``), the only score a recipe may be chosen on; None in
+    reports without it."""
+    rounds = {r["round"]: r for r in report.get("rounds", [])}
+    chosen = rounds.get(report["best"].get("round")) or {}
+    return (chosen.get("validation") or {}).get(SELECTION_KEY)
+
+
+def accurate_share(histograms: list[dict | None]) -> float | None:
+    """The largest share of held-out predictions that one confidence threshold keeps at most
+    ``TARGET_ERROR`` wrong, from the held-out confidence histograms summed over seeds: whether
+    the model's confidences could support the lab's goal on this centre at all. It reads
+    held-out labels, so it diagnoses and is never exported (the card's threshold is chosen on
+    the training centres). None when a histogram is missing."""
+    if not histograms or None in histograms:
+        return None
+    correct, wrong = (np.sum([h[key] for h in histograms], axis=0) for key in ("correct", "wrong"))
+    return uncertainty_threshold(correct, wrong, TARGET_ERROR)["coverage"]
 
 
 def confident_counts(report: dict) -> dict[str, int] | None:
@@ -346,6 +369,8 @@ def summarise(results: list[tuple[Run, dict[str, dict], list[Path]]],
                 m["in_distribution_test"]["macro_f1"] if m["in_distribution_test"] else None
                 for m, _ in members]),
             "id_ood_gap_mean": _mean_or_none([m["id_ood_gap"] for m, _ in members]),
+            "selection_score_mean": _mean_or_none([m.get("selection_score") for m, _ in members]),
+            "accurate_share_oracle": accurate_share([p.get("confidence_histogram") for p in plain]),
             "seeds": len(members),
             "run_dirs": sorted({str(p.parent) for _, paths in members for p in paths}),
         })
@@ -403,7 +428,12 @@ def render_markdown(header: dict, rows: list[dict]) -> str:
              "(mean ± std over seeds). 95% CI: percentile bootstrap of the macro-F1 of the "
              "seeds' held-out confusion matrices summed (each class resampled apart). Not "
              "uncertain: the share of held-out predictions at or above the exported model's "
-             "`uncertain` threshold, and their accuracy. BN-adapted: after test-time BatchNorm "
+             "`uncertain` threshold, and their accuracy. 95%-accurate share (oracle): the "
+             "largest share of held-out predictions one confidence threshold keeps at 95% "
+             "accuracy, read from held-out labels (a diagnosis of the confidences, never "
+             "exported). Val (training): the training centres' validation score that selected "
+             "the round, the only score a recipe may be chosen on. BN-adapted: after test-time "
+             "BatchNorm "
              "adaptation on the held-out centre's unlabelled images, reported apart from the "
              "plain results. ID test: the selected model on the training centres' own test "
              "splits (summed confusion counts); gap: ID test minus held-out macro-F1 as the "
@@ -419,7 +449,8 @@ def render_markdown(header: dict, rows: list[dict]) -> str:
     for held_out in dict.fromkeys(r["held_out"] for r in rows):
         columns = [*lead, "macro-F1", "95% CI", "BN-adapted macro-F1", "balanced acc.",
                    *(f"F1 {c}" for c in classes), "not uncertain", "accuracy there",
-                   "ID test macro-F1", "gap", "seeds"]
+                   "95%-accurate share (oracle)", "ID test macro-F1", "gap", "val (training)",
+                   "seeds"]
         lines += ["", f"## Held-out centre: {held_out}", "", "| " + " | ".join(columns) + " |",
                   "|" + "---|" * len(columns)]
         for r in (r for r in rows if r["held_out"] == held_out):
@@ -431,10 +462,12 @@ def render_markdown(header: dict, rows: list[dict]) -> str:
                 + " | ".join(_points(r["per_class_f1"][c]) for c in classes)
                 + f" | {_points(r.get('not_uncertain_share'))} | "
                 f"{_points(r.get('not_uncertain_accuracy'))} | "
+                f"{_points(r.get('accurate_share_oracle'))} | "
                 f"{_points(r.get('id_test_macro_f1_mean'))} | "
-                f"{_points(r.get('id_ood_gap_mean'))} | {r['seeds']} |")
+                f"{_points(r.get('id_ood_gap_mean'))} | "
+                f"{_points(r.get('selection_score_mean'))} | {r['seeds']} |")
     columns = [*lead, "macro-F1", "vs pooled CE", "lowest centre", "BN-adapted macro-F1",
-               "ID test macro-F1", "gap"]
+               "ID test macro-F1", "gap", "95%-accurate share (oracle)", "val (training)"]
     lines += ["", "## Mean over held-out centres", "", "| " + " | ".join(columns) + " |",
               "|" + "---|" * len(columns)]
     reference = _mean_over_centres(rows, ("", *REFERENCE), "macro_f1_mean")
@@ -443,13 +476,16 @@ def render_markdown(header: dict, rows: list[dict]) -> str:
             if {r["held_out"] for r in rows if _row_key(r) == key} == centres]
     for key in keys:  # one local model per centre exists for only some held-out ones
         mean = _mean_over_centres(rows, key, "macro_f1_mean")
-        adapted, tested, gap = (_mean_over_centres(rows, key, name) for name in (
-            "bn_adapted_macro_f1_mean", "id_test_macro_f1_mean", "id_ood_gap_mean"))
+        adapted, tested, gap, accurate, validation = (
+            _mean_over_centres(rows, key, name) for name in (
+                "bn_adapted_macro_f1_mean", "id_test_macro_f1_mean", "id_ood_gap_mean",
+                "accurate_share_oracle", "selection_score_mean"))
         lowest = min(r["macro_f1_mean"] for r in rows if _row_key(r) == key)
         gain = f"{100 * (mean - reference):+.1f}" if reference is not None else "n/a"
         row = next(r for r in rows if _row_key(r) == key)
         lines.append(f"| {names(row)} | {_points(mean)} | {gain} | {_points(lowest)} | "
-                     f"{_points(adapted)} | {_points(tested)} | {_points(gap)} |")
+                     f"{_points(adapted)} | {_points(tested)} | {_points(gap)} | "
+                     f"{_points(accurate)} | {_points(validation)} |")
     return "\n".join(lines) + "\n"
 
 

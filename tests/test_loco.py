@@ -10,6 +10,7 @@ import torch
 
 from common.bootstrap import macro_f1_of_matrices
 from common.config import RunConfig
+from common.selection import SELECTION_KEY
 from simulations.loco import (
     REFERENCE,
     Run,
@@ -53,21 +54,25 @@ def test_the_reference_alone_takes_the_reference_overrides(tmp_path):
 
 
 def test_rows_average_over_seeds_and_local_models(tmp_path):
-    def report(name: str, best: dict, centre: str = "x", model: dict | None = None) -> str:
+    def report(name: str, best: dict, centre: str = "x", model: dict | None = None,
+               rounds: list | None = None) -> str:
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps({"training_centres": [centre], "best": best,
-                                    **({"model": model} if model else {})}))
+                                    **({"model": model} if model else {}),
+                                    **({"rounds": rounds} if rounds else {})}))
         return path
 
     results = []
     matrices = ([[8, 2], [1, 9]], [[6, 4], [3, 7]])
     for seed, (f1, matrix) in enumerate(zip((0.4, 0.6), matrices, strict=True)):
         run = Run("a", "fedbn", "ce", seed)
-        reports = [report(run.name, {"held_out": metrics(f1, matrix=matrix),
+        rounds = [{"round": r, "validation": {SELECTION_KEY: 0.1 * r + 0.1 * seed}}
+                  for r in (1, 7)]  # round 7 selected: 0.7 and 0.8 over the seeds
+        reports = [report(run.name, {"round": 7, "held_out": metrics(f1, matrix=matrix),
                                      "held_out_bn_adapted": metrics(0.9),
                                      "in_distribution_test": metrics(0.95),
                                      "id_ood_gap": 0.05},
-                          model={"uncertainty": {"threshold": 0.5}})]
+                          model={"uncertainty": {"threshold": 0.5}}, rounds=rounds)]
         results.append((run, selected_results(run, reports), reports))
     run = Run("a", "local", "ce", 0)
     reports = [report(f"local-{c}", {"held_out": metrics(f1, None), "held_out_bn_adapted": None},
@@ -95,6 +100,12 @@ def test_rows_average_over_seeds_and_local_models(tmp_path):
     assert rows["fedbn"]["not_uncertain_share"] == pytest.approx(9 / 13)
     assert rows["fedbn"]["not_uncertain_accuracy"] == pytest.approx(8 / 9)
     assert rows["local"]["not_uncertain_share"] is None
+    # Seeds' histograms summed: correct [0, 4, 6, 10], wrong [2, 2, 2, 0]; only the top bin
+    # errs at most 5%, so 10 of 26 predictions can be kept at that accuracy.
+    assert rows["fedbn"]["accurate_share_oracle"] == pytest.approx(10 / 26)
+    assert rows["local"]["accurate_share_oracle"] is None
+    assert rows["fedbn"]["selection_score_mean"] == pytest.approx(0.75)
+    assert rows["local"]["selection_score_mean"] is None  # no per-round validation recorded
 
     header = {"command": "cytofed loco ...", "machine": "CPU", "date": "today",
               "selection": "validation", "recipe": {}, "reference": {}}
@@ -103,11 +114,11 @@ def test_rows_average_over_seeds_and_local_models(tmp_path):
     assert "## Held-out centre: a" in markdown and "F1 basophil" in markdown
     low, high = (f"{100 * interval[k]:.1f}" for k in ("low", "high"))
     assert f"| fedbn | ce | 50.0 ± 14.1 | {low}-{high} | 90.0 |" in markdown
-    # not uncertain, accuracy there, ID test macro-F1, gap, seeds
-    assert "| 69.2 | 88.9 | 95.0 | 5.0 | 2 |" in markdown
+    # not uncertain, accuracy there, 95%-accurate share, ID test macro-F1, gap, val, seeds
+    assert "| 69.2 | 88.9 | 38.5 | 95.0 | 5.0 | 75.0 | 2 |" in markdown
     mean_table = markdown.split("## Mean over held-out centres")[1]
     assert "| local | ce |" in mean_table and "local:x" not in mean_table
-    assert "| fedbn | ce | 50.0 | n/a | 50.0 | 90.0 | 95.0 | 5.0 |" in mean_table
+    assert "| fedbn | ce | 50.0 | n/a | 50.0 | 90.0 | 95.0 | 5.0 | 38.5 | 75.0 |" in mean_table
 
 
 def test_command_lines_read_as_typed():
