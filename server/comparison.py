@@ -159,6 +159,11 @@ def plot_centre(rows: list[dict], centre: str, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+# Sweep columns shown where rows carry them: (loco.json key, heading).
+DIAGNOSES = (("accurate_share_oracle", "95%-accurate share (oracle, held-out labels)"),
+             ("selection_score_mean", "val (training centres: what a recipe is chosen on)"))
+
+
 def _interval_cell(row: dict) -> str:
     interval = row.get("macro_f1_interval")
     return "n/a" if not interval else f"{interval['low']:.3f}-{interval['high']:.3f}"
@@ -173,10 +178,13 @@ def comparison_document(rows: list[dict], out_dir: Path,
     adapted = any(r.get("bn_adapted_macro_f1_mean") is not None for r in rows)
     intervals = any(r.get("macro_f1_interval") for r in rows)
     confident = any(r.get("not_uncertain_share") is not None for r in rows)
+    diagnoses = [(key, name) for key, name in DIAGNOSES
+                 if any(r.get(key) is not None for r in rows)]
     summary = Table(("held-out centre", "method / loss", "macro-F1 mean ± std",
                      *(("95% CI (seeds pooled)",) * intervals),
                      *(("BN-adapted macro-F1",) * adapted), "balanced accuracy",
-                     *(("not uncertain", "accuracy there") * confident), "runs"),
+                     *(("not uncertain", "accuracy there") * confident),
+                     *(name for _, name in diagnoses), "runs"),
                     [(r["held_out"], _label(r), f"{r['macro_f1_mean']:.3f} ± "
                       f"{r['macro_f1_std']:.3f}",
                       *((_interval_cell(r),) * intervals),
@@ -184,6 +192,7 @@ def comparison_document(rows: list[dict], out_dir: Path,
                       f"{r['balanced_accuracy_mean']:.3f}",
                       *((fmt(r.get("not_uncertain_share")),
                          fmt(r.get("not_uncertain_accuracy"))) * confident),
+                      *(fmt(r.get(key)) for key, _ in diagnoses),
                       str(len(r["run_dirs"])))
                      for r in rows])
     variants = Table(("method / loss", "settings", "runs"), [

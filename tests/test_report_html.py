@@ -203,7 +203,8 @@ def test_a_sweep_with_intervals_gets_an_ablation_figure_and_its_notes(tmp_path, 
                 "per_class_f1": dict.fromkeys(CLASSES, f1), "run_dirs": ["r"],
                 "macro_f1_interval": {"macro_f1": f1, "low": f1 - 0.1, "high": f1 + 0.05,
                                       "level": 0.95},
-                "not_uncertain_share": 0.6, "not_uncertain_accuracy": 0.95}
+                "not_uncertain_share": 0.6, "not_uncertain_accuracy": 0.95,
+                "accurate_share_oracle": 0.25, "selection_score_mean": f1 + 0.2}
 
     rows = [row(c, label, f1) for c in ("clinic-a", "clinic-b")
             for label, f1 in (("recipe", 0.7), ("no-swa", 0.6))]
@@ -218,4 +219,5 @@ def test_a_sweep_with_intervals_gets_an_ablation_figure_and_its_notes(tmp_path, 
     assert (tmp_path / "cmp" / "ablation.png").is_file()
     markdown = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "The recipe was chosen on the training centres' validation splits only." in markdown
-    assert "0.600-0.750" in markdown and "| 0.600 | 0.950 |" in markdown
+    assert "0.600-0.750" in markdown and "| 0.600 | 0.950 | 0.250 | 0.900 | 1 |" in markdown
+    assert "val (training centres: what a recipe is chosen on)" in markdown
