@@ -239,7 +239,7 @@ def selected_results(run: Run, reports: list[Path]) -> dict[str, dict]:
     """
     loaded = [json.loads(p.read_text()) for p in reports]
     bests = [{"in_distribution_test": None, "id_ood_gap": None, **r["best"],
-              "confident": confident_counts(r), "selection_score": selection_score(r)}
+              "confident": confident_counts(r), "selection_score": selected_round_score(r)}
              for r in loaded]
     if len(reports) == 1:
         return {run.method: bests[0]}
@@ -253,13 +253,13 @@ def selected_results(run: Run, reports: list[Path]) -> dict[str, dict]:
             **per_centre}
 
 
-def selection_score(report: dict) -> float | None:
-    """The training centres' validation score that selected the exported round
-    (``common.selection.SELECTION_KEY``), the only score a recipe may be chosen on; None in
-    reports without it."""
-    rounds = {r["round"]: r for r in report.get("rounds", [])}
-    chosen = rounds.get(report["best"].get("round")) or {}
-    return (chosen.get("validation") or {}).get(SELECTION_KEY)
+def selected_round_score(report: dict) -> float | None:
+    """The training centres' validation score (``common.selection.SELECTION_KEY``) of the round
+    the report's ``best`` names, the only score a recipe may be chosen on; None in reports
+    without it (where ``common.selection.selection_score`` would give its -1 sentinel)."""
+    chosen = next((r for r in report.get("rounds", [])
+                   if r["round"] == report["best"].get("round")), {})
+    return chosen.get("validation", {}).get(SELECTION_KEY)
 
 
 def accurate_share(histograms: list[dict | None]) -> float | None:
@@ -433,11 +433,10 @@ def render_markdown(header: dict, rows: list[dict]) -> str:
              "accuracy, read from held-out labels (a diagnosis of the confidences, never "
              "exported). Val (training): the training centres' validation score that selected "
              "the round, the only score a recipe may be chosen on. BN-adapted: after test-time "
-             "BatchNorm "
-             "adaptation on the held-out centre's unlabelled images, reported apart from the "
-             "plain results. ID test: the selected model on the training centres' own test "
-             "splits (summed confusion counts); gap: ID test minus held-out macro-F1 as the "
-             "model is applied."]
+             "BatchNorm adaptation on the held-out centre's unlabelled images, reported apart "
+             "from the plain results. ID test: the selected model on the training centres' "
+             "own test splits (summed confusion counts); gap: ID test minus held-out macro-F1 "
+             "as the model is applied."]
     classes = list(rows[0]["per_class_f1"]) if rows else []
     varied = any(r.get("variant_name") for r in rows)
     lead = ("variant", "method", "loss") if varied else ("method", "loss")
